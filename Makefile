@@ -1,0 +1,19 @@
+# The two commands of the README: `make demo` runs the whole local DAG, `make test` runs the tests.
+# Both create .venv and install Debian's data packages when missing, and are safe to run twice.
+.PHONY: demo test setup stop bench
+
+setup:
+	@scripts/ensure_data_packages.sh
+	@scripts/ensure_venv.sh
+
+demo: setup
+	@scripts/run_local.sh
+
+test: setup
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+stop:
+	-PREFECT_HOME=$(CURDIR)/.prefect .venv/bin/prefect server stop
+
+bench: setup
+	.venv/bin/python -m bench.run_all

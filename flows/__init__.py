@@ -1,0 +1,1 @@
+"""Prefect orchestration: thin flows and cached tasks over the library stages."""

@@ -1,0 +1,1 @@
+"""One module per `lvdflow` subcommand (see lvdflow/cli.py for the contract)."""

@@ -1,0 +1,100 @@
+"""Stage outputs on disk: atomic publication, completion markers and small manifests.
+
+Every stage is a function from inputs on disk to an output directory plus a small JSON manifest
+(`stage.json`). Outputs are built in a sibling work directory (`<out>.partial`) and renamed into place
+only when complete, with a `_SUCCESS` marker written last, so a crashed stage never leaves a directory
+that looks finished. The work directory keeps its name across runs, so resumable stages can continue
+from what a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SUCCESS = "_SUCCESS"
+MANIFEST = "stage.json"
+
+
+def work_dir(out: Path, *, fresh: bool = False) -> Path:
+    """The in-progress directory for `out`. `fresh=True` discards what an earlier run left."""
+    work = Path(str(Path(out)) + ".partial")
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def is_complete(out: Path) -> bool:
+    """True when `out` was published by `publish` and not damaged since (marker and manifest present)."""
+    out = Path(out)
+    return (out / SUCCESS).is_file() and (out / MANIFEST).is_file()
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    return json.loads((Path(out) / MANIFEST).read_text())
+
+
+def publish(work: Path, out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest and marker into `work`, then move it to `out` (replacing an older `out`).
+
+    Returns the manifest, with `dir` set to the final location. The rename is atomic on one
+    filesystem; the old output is moved aside first so that a crash in between leaves either the old
+    or the new directory, never a half-written one under the final name.
+    """
+    work, out = Path(work), Path(out)
+    manifest = dict(manifest)
+    manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    manifest["dir"] = str(out.resolve())
+    _write_json_atomic(work / MANIFEST, manifest)
+    (work / SUCCESS).write_text("ok\n")
+    old = None
+    if out.exists():
+        old = Path(str(out) + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a torn one."""
+    _write_json_atomic(Path(path), obj)
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_digest(path: Path, *, skip: Iterable[str] = (SUCCESS, MANIFEST)) -> str:
+    """Content digest of a directory: relative names and bytes of every file, in sorted order.
+
+    Stage manifests and markers are skipped, since they carry timestamps and absolute paths.
+    """
+    root = Path(path)
+    skip = set(skip)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in skip:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(b"\0")
+            h.update(file_digest(p).encode())
+    return h.hexdigest()
