@@ -1,0 +1,1 @@
+"""Curation library: ingest, decode, dedup, embedding, clustering and retrieval. Never imports Prefect."""

@@ -1,0 +1,1 @@
+"""ViT backbone, checkpoint interop, DINOv2 trainer, distillation and evaluation. Never imports Prefect."""

@@ -1,0 +1,1 @@
+"""WebDataset shard writer and reader for the curated set. Never imports Prefect."""
