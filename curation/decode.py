@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
         return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        with warnings.catch_warnings():  # PIL nags about byte transparency; converting to RGBA is the fix
+            warnings.simplefilter("ignore", UserWarning)
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
     if mode in ("LA", "PA", "La"):
         img = img.convert("RGBA")
