@@ -1,0 +1,42 @@
+"""Feed-forward layers of a ViT block: the classic GELU MLP and the SwiGLU variant of DINOv2's big models.
+
+Parameter names follow the official DINOv2 layout (`fc1`/`fc2` for the MLP, `w12`/`w3` for SwiGLU, w12
+packing the gate and value projections) so checkpoints map without renaming.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """DINOv2's SwiGLU width: 2/3 of the MLP width (same parameter count), rounded up to a multiple of 8."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """silu(x W1) * (x W2), then W3. W1 and W2 are one packed matmul (`w12`), as in the official weights."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN}
