@@ -1,0 +1,37 @@
+"""Prefect flow for the ingest stage."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+from curation.decode import DEFAULT_MAX_PIXELS
+from curation.ingest import run_ingest
+from flows.caching import run_stage, stage_cache_key
+from flows.reporting import stage_table
+
+
+@task(name="ingest", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+def ingest_task(sources: list[str], out: str, workers: int | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 16) -> dict:
+    log = get_run_logger()
+    step = [0]
+
+    def progress(done: int) -> None:
+        if done - step[0] >= 5000:
+            step[0] = done
+            log.info("ingest: %d inputs checked", done)
+
+    return run_ingest(sources, out, workers=workers, max_pixels=max_pixels, min_side=min_side, progress=progress)
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(sources: list[str], out: str, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int = 16, refresh: list[str] | None = None) -> dict:
+    """Read folders, tar shards and path lists; keep good images, quarantine the rest with reasons."""
+    manifest = run_stage(ingest_task, out=out, refresh=refresh, sources=[str(s) for s in sources],
+                         workers=workers, max_pixels=max_pixels, min_side=min_side)
+    c = manifest["counts"]
+    get_run_logger().info("ingest: %d images kept, %d quarantined %s", c["images"], c["quarantined"],
+                          manifest.get("quarantine_reasons", {}))
+    stage_table("ingest", manifest)
+    return manifest
