@@ -1,0 +1,160 @@
+"""The ViT backbone: DINOv2 output contract, masks, multi-crop lists, pos-embed resampling, stochastic depth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.layers import Block, drop_add_residual_subset, swiglu_hidden
+from pretrain.models import ARCHS, build_vit, vit_config, vit_forward_flops
+
+torch.set_num_threads(1)
+
+KEYS = {"x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm", "masks"}
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return build_vit("vit_tiny", **{"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 56, **kw}).eval()
+
+
+@pytest.mark.parametrize("patch,regs", [(14, 0), (16, 4)])
+def test_forward_features_keys_and_shapes(patch, regs):
+    m = tiny(patch_size=patch, num_register_tokens=regs, img_size=4 * patch)
+    x = torch.randn(3, 3, 3 * patch, 5 * patch)  # not the training grid, not square
+    with torch.no_grad():
+        out = m.forward_features(x)
+    assert set(out) == KEYS
+    assert out["x_norm_clstoken"].shape == (3, 64)
+    assert out["x_norm_regtokens"].shape == (3, regs, 64)
+    assert out["x_norm_patchtokens"].shape == (3, 15, 64)
+    assert out["x_prenorm"].shape == (3, 1 + regs + 15, 64)
+    assert out["masks"] is None
+    # forward() is DINOv2's: the CLS embedding, or the dict when is_training
+    with torch.no_grad():
+        assert torch.equal(m(x), out["x_norm_clstoken"])
+        assert set(m(x, is_training=True)) == KEYS
+
+
+def test_rejects_input_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        tiny()(torch.randn(1, 3, 50, 56))
+
+
+def test_masks_replace_patch_tokens_by_mask_token():
+    m = tiny()
+    with torch.no_grad():
+        m.mask_token.normal_()
+    a, b = torch.randn(2, 3, 56, 56).chunk(2)
+    all_masked = torch.ones(1, 16, dtype=torch.bool)
+    with torch.no_grad():
+        oa = m.forward_features(a, masks=all_masked)
+        ob = m.forward_features(b, masks=all_masked)
+        oc = m.forward_features(a)
+    # Every patch replaced: the image content no longer matters...
+    torch.testing.assert_close(oa["x_prenorm"], ob["x_prenorm"])
+    assert oa["masks"] is all_masked
+    # ...and unmasked it does.
+    assert not torch.allclose(oa["x_prenorm"], oc["x_prenorm"])
+    # Gradient reaches the mask token only when masks are used.
+    m.train()
+    m.forward_features(a, masks=all_masked)["x_norm_clstoken"].sum().backward()
+    assert m.mask_token.grad is not None and m.mask_token.grad.abs().sum() > 0
+
+
+def test_list_input_equals_separate_calls():
+    m = tiny(num_register_tokens=2)
+    g = torch.randn(2, 3, 56, 56)
+    loc = torch.randn(4, 3, 28, 28)
+    masks = torch.rand(2, 16) < 0.5
+    with torch.no_grad():
+        outs = m.forward_features([g, loc], masks=[masks, None])
+        ref_g = m.forward_features(g, masks=masks)
+        ref_l = m.forward_features(loc)
+    assert isinstance(outs, list) and len(outs) == 2
+    for out, ref in ((outs[0], ref_g), (outs[1], ref_l)):
+        for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_norm_regtokens", "x_prenorm"):
+            torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
+    assert outs[0]["masks"] is masks and outs[1]["masks"] is None
+
+
+def test_pos_embed_native_and_resampled():
+    m = tiny()  # grid 4x4, plain model: offset 0.1, no antialias
+    x = torch.zeros(1, 17, 64)
+    assert m.interpolate_pos_encoding(x, 56, 56) is m.pos_embed
+    assert m.interpolate_offset == 0.1 and m.interpolate_antialias is False
+    r = tiny(num_register_tokens=4)  # register models: exact size, antialiased
+    assert r.interpolate_offset == 0.0 and r.interpolate_antialias is True
+    pe = r.interpolate_pos_encoding(torch.zeros(1, 1 + 6 * 3, 64), 6 * 14, 3 * 14)
+    grid = r.pos_embed[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(6, 3), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 18, 64)
+    torch.testing.assert_close(pe[:, 1:], want)
+    torch.testing.assert_close(pe[:, :1], r.pos_embed[:, :1])
+
+
+def test_subset_stochastic_depth_touches_only_the_subset():
+    torch.manual_seed(0)
+    x = torch.randn(10, 5, 8)
+    out = drop_add_residual_subset(x, lambda t: torch.ones_like(t), rate=0.4)
+    changed = (out != x).flatten(1).any(1)
+    assert int(changed.sum()) == 6  # max(int(10 * 0.6), 1)
+    # kept samples get the branch scaled by B/subset, so the expectation is x + branch
+    torch.testing.assert_close(out[changed], x[changed] + 10 / 6)
+    torch.testing.assert_close(out[~changed], x[~changed])
+
+
+def test_block_drop_path_only_in_training():
+    torch.manual_seed(0)
+    blk = Block(32, 2, 64, init_values=1.0, drop_path=0.5)
+    x = torch.randn(16, 5, 32)
+    blk.eval()
+    ref = x + blk._attn_branch(x)
+    ref = ref + blk._ffn_branch(ref)
+    torch.testing.assert_close(blk(x), ref)
+    blk.train()
+    out = blk(x)
+    # With rate 0.5 the subset path runs each branch on 8 of the 16 samples: some rows must equal eval's,
+    # some must differ (the branch on a sample is either absent or scaled by 2).
+    assert not torch.allclose(out, ref)
+    assert out.shape == x.shape
+
+
+def test_drop_path_rate_schedule():
+    m = build_vit("vit_tiny", depth=4, drop_path_rate=0.3, drop_path_uniform=False)
+    assert [round(b.drop_path_rate, 3) for b in m.blocks] == [0.0, 0.1, 0.2, 0.3]
+    m = build_vit("vit_tiny", depth=4, drop_path_rate=0.3)
+    assert all(b.drop_path_rate == 0.3 for b in m.blocks)
+
+
+def test_presets_sizes():
+    assert swiglu_hidden(1536, 4.0) == 4096  # ViT-g's official SwiGLU width
+    counts = {}
+    for arch in ARCHS:
+        with torch.device("meta"):
+            m = build_vit(arch, img_size=224)
+        counts[arch] = sum(p.numel() for p in m.parameters()) / 1e6
+    assert 21 < counts["vit_small"] < 23
+    assert 85 < counts["vit_base"] < 88
+    assert 302 < counts["vit_large"] < 306
+    assert 629 < counts["vit_huge"] < 634  # timm's ViT-H/14: 630.8M
+    with torch.device("meta"):
+        g = build_vit("vit_giant2", ffn_layer="swiglu", img_size=518)
+    assert 1130 < sum(p.numel() for p in g.parameters()) / 1e6 < 1140  # dinov2_vitg14: 1.136B
+    assert g.blocks[0].mlp.w12.out_features == 2 * 4096
+    # FLOPs per image at 224 match the published figures (timm: ViT-H/14 167.4 GMACs)
+    assert abs(vit_forward_flops(vit_config("vit_huge", patch_size=14), 224) / 2e9 - 167.4) < 0.5
+    with pytest.raises(ValueError, match="unknown ViT architecture"):
+        build_vit("vit_enormous")
+
+
+@pytest.mark.cuda
+def test_xformers_and_sdpa_agree_on_cuda(monkeypatch):
+    pytest.importorskip("xformers")
+    m = tiny().cuda()
+    x = torch.randn(4, 3, 56, 56, device="cuda")
+    with torch.no_grad():
+        a = m(x)
+        monkeypatch.setenv("LVDFLOW_DISABLE_XFORMERS", "1")
+        b = m(x)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
