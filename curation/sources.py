@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -102,6 +103,14 @@ def iter_folder(root: Path, stats: dict[str, int]) -> Iterator[Item]:
                     continue
             if name.startswith("."):
                 stats["hidden_files_skipped"] = stats.get("hidden_files_skipped", 0) + 1
+                continue
+            try:
+                regular = stat.S_ISREG(p.stat().st_mode)
+            except OSError as exc:
+                yield Item(str(p), str(p), None, rel, reason="unreadable", detail=str(exc))
+                continue
+            if not regular:  # a FIFO or device would block or stream forever when read
+                yield Item(str(p), str(p), None, rel, reason="special-file", detail="not a regular file")
                 continue
             yield Item(str(p), str(p), None, rel)
 

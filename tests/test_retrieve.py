@@ -1,0 +1,198 @@
+"""Retrieval curation: kNN and cluster rules, collisions, index choice, hierarchical sampling, the stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from _retrieval_data import blob_vectors, write_embeddings, write_images, write_manifest
+from curation import knn
+from curation.embedding_store import l2_normalise
+from curation.hierarchical_kmeans import balanced_sample, hierarchical_kmeans, water_fill
+from curation.kmeans import assign, kmeans, members_by_cluster
+from curation.retrieve import Pairs, cluster_based, merge_collisions, run_retrieve, sample_based
+from lvdflow.errors import UserError
+from lvdflow.stage import is_complete
+
+
+def _centers(rng, n, d=32):
+    return np.linalg.qr(rng.normal(size=(d, d)))[0][:n] * 1.0  # orthonormal: well separated blobs
+
+
+def test_sample_based_matches_brute_force_and_merges_collisions():
+    rng = np.random.default_rng(0)
+    pool = l2_normalise(rng.normal(size=(500, 16)))
+    queries = l2_normalise(rng.normal(size=(20, 16)))
+    queries[1] = queries[0]  # two identical queries: every neighbour is a collision
+    index = knn.build_index(pool.astype(np.float16), spec="Flat")
+    pairs = sample_based(index, queries, k=4)
+    assert len(pairs.pool) == 80
+    brute = np.argsort(-(queries @ pool.astype(np.float16).astype(np.float32).T), axis=1)[:, :4]
+    got = pairs.pool.reshape(20, 4)
+    assert all(set(got[i]) == set(brute[i]) for i in range(20))
+    uniq, offsets, merged = merge_collisions(pairs)
+    assert len(uniq) == len(set(pairs.pool.tolist()))
+    # The neighbours of query 0 are each listed once, with both query 0 and query 1.
+    for p in got[0]:
+        i = int(np.searchsorted(uniq, p))
+        qs = merged.query[offsets[i] : offsets[i + 1]]
+        assert {0, 1} <= set(qs.tolist())
+        ds = merged.distance[offsets[i] : offsets[i + 1]]
+        assert np.all(np.diff(ds) >= 0)  # nearest query first
+
+
+def test_merge_drops_duplicate_pairs():
+    pairs = Pairs(np.array([5, 5, 3, 5]), np.array([1, 1, 0, 2]), np.array([0.2, 0.1, 0.5, 0.3], np.float32))
+    uniq, offsets, merged = merge_collisions(pairs)
+    assert uniq.tolist() == [3, 5]
+    assert merged.query[offsets[1] : offsets[2]].tolist() == [1, 2]
+    assert merged.distance[offsets[1]] == pytest.approx(0.1)
+
+
+def test_cluster_based_takes_only_clusters_with_more_than_min_queries():
+    rng = np.random.default_rng(1)
+    centers = _centers(rng, 3)
+    pool, blob = blob_vectors(rng, centers, [300, 300, 300])
+    queries, qblob = blob_vectors(rng, centers, [6, 2, 0])  # blob 0: 6 queries (> 3), blob 1: 2 (not enough)
+    km = kmeans(pool.astype(np.float16), 3, seed=0)
+    members = members_by_cluster(km.assignment, 3)
+    qlab, _ = assign(queries, km.centroids)
+    pairs, chosen = cluster_based(
+        pool, members, km.similarity, qlab, queries, min_queries=3, per_cluster=100, per_source_cap=None, rng=rng
+    )
+    assert len(chosen) == 1
+    got = np.unique(pairs.pool)
+    assert len(got) == 100  # per-cluster limit
+    assert set(blob[got].tolist()) == {0}
+    # Each image lists the (up to 8) queries of its cluster: here the 6 blob-0 queries.
+    assert len(pairs.pool) == 100 * 6
+    # Cap per source: shrinks the set uniformly.
+    capped, _ = cluster_based(
+        pool, members, km.similarity, qlab, queries, min_queries=3, per_cluster=1000, per_source_cap=40, rng=rng
+    )
+    assert len(np.unique(capped.pool)) == 40
+
+
+def test_index_choice_by_size_and_ivf_recall():
+    assert knn.choose_index_spec(1000, 64) == "Flat"
+    assert knn.choose_index_spec(1_000_000, 768).startswith("IVF4096,Flat")
+    assert knn.choose_index_spec(20_000_000, 768) == "IVF16384,PQ64"
+    rng = np.random.default_rng(2)
+    x = l2_normalise(rng.normal(size=(8000, 32))).astype(np.float16)
+    ivf = knn.build_index(x, spec="auto", flat_max=1000, nprobe=64)
+    assert ivf.spec.startswith("IVF")
+    flat = knn.build_index(x, spec="Flat")
+    _, a = knn.search(ivf, x[:200], 5)
+    _, b = knn.search(flat, x[:200], 5)
+    recall = np.mean([len(set(a[i]) & set(b[i])) / 5 for i in range(200)])
+    assert recall > 0.9
+    pq_index = knn.build_index(x, spec="IVF64,PQ8", nprobe=64)
+    _, c = knn.search(pq_index, x[:200], 1)
+    assert np.mean(c[:, 0] == np.arange(200)) > 0.5  # each point finds itself, approximately
+
+
+def test_water_fill_is_balanced_and_exact():
+    rng = np.random.default_rng(0)
+    b = water_fill(np.array([1000, 100, 50, 5]), 155, rng)
+    assert b.sum() == 155 and b[3] == 5 and b[2] == 50 and b[0] == 50 and b[1] == 50
+    assert water_fill(np.array([3, 4]), 100, rng).tolist() == [3, 4]
+
+
+def test_hierarchical_balanced_sampling_rebalances_unequal_blobs():
+    rng = np.random.default_rng(3)
+    centers = _centers(rng, 3)
+    x, blob = blob_vectors(rng, centers, [2000, 200, 60], spread=0.02)
+    tree = hierarchical_kmeans(x.astype(np.float16), [30, 3], n_resampling_steps=[2, 1], seed=0)
+    assert len(tree.levels) == 2 and len(tree.levels[1].assignment) == 30
+    top = tree.point_clusters(1)
+    # The top level recovers the three blobs.
+    assert all(len(set(top[blob == b].tolist())) == 1 for b in range(3))
+    for strategy in ("r", "c"):
+        picked = balanced_sample(tree, 180, strategy=strategy, seed=0)
+        assert len(picked) == len(set(picked.tolist())) == 180
+        assert np.bincount(blob[picked]).tolist() == [60, 60, 60]  # random sampling would give ~[137, 14, 4]
+
+
+@pytest.fixture
+def pool_dir(tmp_path):
+    """600 image files in 3 embedding blobs (400/150/50), their manifest and embeddings, plus query sets."""
+    rng = np.random.default_rng(4)
+    table = write_images(tmp_path / "images", 600, rng)
+    centers = _centers(rng, 3)
+    vecs, blob = blob_vectors(rng, centers, [400, 150, 50])
+    ids = table["id"].to_pylist()
+    write_embeddings(tmp_path / "pool_emb", ids, vecs, shard_size=250)
+    write_manifest(table, tmp_path / "ingest" / "manifest.parquet")
+    big, _ = blob_vectors(rng, centers, [0, 30, 0])  # "large" set: sample-based above the threshold
+    small, _ = blob_vectors(rng, centers, [0, 0, 8])  # small set: cluster-based
+    write_embeddings(tmp_path / "q_big", [f"b{i}" for i in range(30)], big)
+    write_embeddings(tmp_path / "q_small", [f"s{i}" for i in range(8)], small)
+    return tmp_path, blob, ids
+
+
+def test_run_retrieve_auto_mode_writes_table_and_report(pool_dir):
+    tmp, blob, ids = pool_dir
+    out = tmp / "retrieved"
+    m = run_retrieve(
+        tmp / "pool_emb", [tmp / "q_big", tmp / "q_small"], tmp / "ingest", out,
+        sample_threshold=20, k=4, n_clusters=6, per_cluster=1000, seed=0,
+    )
+    assert is_complete(out)
+    assert m["query_sets"]["q_big"]["mode"] == "sample"
+    assert m["query_sets"]["q_small"]["mode"] == "cluster"
+    t = pq.read_table(out / "retrieved.parquet")
+    for col in ("id", "uri", "source", "member", "relpath", "sha256", "cluster", "queries", "query_sets", "distances"):
+        assert col in t.column_names
+    assert len(set(t["id"].to_pylist())) == t.num_rows  # collisions kept once
+    blob_of = {i: int(blob[n]) for n, i in enumerate(ids)}
+    rows = t.to_pylist()
+    small_rows = [r for r in rows if "q_small" in r["query_sets"]]
+    big_rows = [r for r in rows if "q_big" in r["query_sets"]]
+    assert small_rows and big_rows
+    assert {blob_of[r["id"]] for r in small_rows} == {2}  # the small set pulls in only its blob
+    assert {blob_of[r["id"]] for r in big_rows} == {1}
+    assert len(small_rows) == 50  # every image of the clusters holding its queries
+    assert sum(len(r["queries"]) > 1 for r in big_rows) == m["counts"]["collisions"] > 0  # 30 queries x 4 in one blob
+    for r in rows:
+        assert len(r["queries"]) == len(r["distances"]) == len(r["query_sets"])
+        assert r["distances"] == sorted(r["distances"])
+    assert (out / "report" / "report.md").is_file()
+    assert (out / "report" / "clusters.png").stat().st_size > 0
+    assert (out / "report" / "queries.png").stat().st_size > 0
+    assert json.loads((out / "stage.json").read_text())["counts"]["retrieved"] == t.num_rows
+
+
+def test_run_retrieve_forced_modes_and_balanced(pool_dir):
+    tmp, blob, ids = pool_dir
+    m = run_retrieve(tmp / "pool_emb", tmp / "q_small", tmp / "ingest", tmp / "o1", mode="sample", k=2, report=False)
+    assert m["query_sets"]["q_small"]["mode"] == "sample" and m["counts"]["pairs"] == 16
+    m = run_retrieve(
+        tmp / "pool_emb", None, tmp / "ingest", tmp / "o2", mode="balanced", target_size=90,
+        hierarchical_levels=[12, 3], report=False,
+    )
+    t = pq.read_table(tmp / "o2" / "retrieved.parquet")
+    pos = {i: n for n, i in enumerate(ids)}
+    assert t.num_rows == 90
+    assert np.bincount([blob[pos[i]] for i in t["id"].to_pylist()]).tolist() == [30, 30, 30]
+    assert all(len(q) == 0 for q in t["queries"].to_pylist())
+
+
+def test_run_retrieve_bad_inputs_are_user_errors(pool_dir, tmp_path):
+    tmp, _, ids = pool_dir
+    with pytest.raises(UserError, match="mode"):
+        run_retrieve(tmp / "pool_emb", tmp / "q_small", tmp / "ingest", tmp / "x", mode="nearest")
+    with pytest.raises(UserError, match="pool embeddings"):
+        run_retrieve(tmp / "nowhere", tmp / "q_small", tmp / "ingest", tmp / "x")
+    other = tmp_path / "other_q"
+    write_embeddings(other, ["z"], np.ones((1, 8)))
+    with pytest.raises(UserError, match="dimension"):
+        run_retrieve(tmp / "pool_emb", other, tmp / "ingest", tmp / "x")
+    # A manifest from another ingest: the retrieved ids are not in it.
+    import pyarrow as pa
+
+    write_manifest(pa.table({"id": ["nope"], "uri": ["u"]}), tmp_path / "m2" / "manifest.parquet")
+    with pytest.raises(UserError, match="not in the pool manifest"):
+        run_retrieve(tmp / "pool_emb", tmp / "q_small", tmp_path / "m2", tmp / "x", report=False)
