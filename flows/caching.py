@@ -23,6 +23,7 @@ from lvdflow.stage import is_complete, read_manifest
 CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
     "ingest": "1",
+    "embed": "1",
 }
 
 # Files above this size are fingerprinted by (size, mtime) instead of hashed: a multi-GB tar shard is

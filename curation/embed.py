@@ -1,0 +1,336 @@
+"""Embedding stage: one L2-normalised float16 vector per manifest image, written in resumable shards.
+
+    run_embed("runs/x/ingest", weights="dinov2_vith14.pth", out="runs/x/embed")
+
+- Images are read and decoded by DataLoader workers (`curation.decode`, the same decoding as ingest) and
+  transformed with the fixed eval transform at the model's resolution (curation/embed_data.py).
+- On CUDA: pinned memory, non-blocking copies, bf16 autocast, optionally compiled blocks, and the copy of
+  batch k's results back to the host overlapped with batch k+1's forward. On CPU: float32.
+- The embedding is the backbone's normalised CLS token (`x_norm_clstoken`), stored through
+  `curation.embedding_store` (float16, L2-normalised, `.npy` shards + index.parquet, manifest order).
+- Resumable at shard granularity: shard s holds manifest rows [s*shard_size, (s+1)*shard_size); each shard
+  is written atomically, and a rerun skips the complete ones. Batches never straddle shards and always
+  start at a shard's first row, so a resumed run computes every shard with exactly the batches an
+  uninterrupted run uses: same bytes, no missing or duplicated rows. A `job.json` in the work directory
+  pins the inputs and parameters; a leftover from a different job is discarded, not mixed in.
+- Rows that fail to read or decode at this point (the file changed since ingest) are listed in
+  quarantine.parquet with a reason instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader
+
+from curation import embedding_store as store
+from curation.decode import DEFAULT_MAX_PIXELS
+from curation.embed_data import ManifestImages, normalise_batch, worker_init
+from curation.ingest import read_manifest_table
+from lvdflow.errors import UserError
+from lvdflow.stage import dir_digest, file_digest, publish, work_dir, write_json_atomic
+from pretrain.models import VisionTransformer, build_vit, load_backbone
+
+log = logging.getLogger(__name__)
+
+JOB = "job.json"
+QUARANTINE = "quarantine.parquet"
+FAILED_SUFFIX = ".failed.json"
+
+# Production default: ViT-H/14 at 224 (DINOv2 curation used a ViT-H embedder); the demo passes a small arch.
+DEFAULT_ARCH = "vit_huge"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA device is available")
+    return dev
+
+
+def build_embedder(
+    weights: str | os.PathLike | None,
+    *,
+    arch: str = DEFAULT_ARCH,
+    patch_size: int = 14,
+    img_size: int = 224,
+    num_heads: int | None = None,
+    allow_random_init: bool = False,
+    seed: int = 0,
+) -> VisionTransformer:
+    """The backbone to embed with: loaded from `weights`, or (only when explicitly allowed) random."""
+    if weights is not None:
+        return load_backbone(weights, num_heads=num_heads)
+    if not allow_random_init:
+        raise UserError(
+            "no --weights given: embeddings from a random model are meaningless for curation; "
+            "pass a checkpoint, or --allow-random-init for a smoke test"
+        )
+    torch.manual_seed(seed)  # a resumed random-init run must rebuild the very same model
+    kw: dict[str, Any] = {"patch_size": patch_size, "img_size": img_size}
+    if num_heads:
+        kw["num_heads"] = num_heads
+    try:
+        return build_vit(arch, **kw).eval()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _shard_batches(shards: list[int], n: int, shard_size: int, batch_size: int) -> Iterator[list[int]]:
+    for s in shards:
+        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+        for b in range(lo, hi, batch_size):
+            yield list(range(b, min(b + batch_size, hi)))
+
+
+class _Embedder:
+    """Runs batches through the model; `submit` returns the previous batch's results (one-batch lag on
+    CUDA, so the host waits for batch k's copy while the GPU already runs batch k+1)."""
+
+    def __init__(self, model: VisionTransformer, device: torch.device, compile: bool) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.model = model.to(device).eval()
+        if compile:
+            for blk in self.model.blocks:
+                blk.compile()  # regional: the 32 identical blocks share one compiled graph
+        self.normalise = normalise_batch()
+        self.pending: tuple[Any, ...] | None = None
+
+    @torch.inference_mode()
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(images.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            return self.model.forward_features(x)["x_norm_clstoken"].float()
+
+    def submit(self, item: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        """item: (indices, images, reasons) or None to flush. Returns (indices, vectors, reasons) or None."""
+        done = None
+        if item is not None:
+            idx, images, reasons = item
+            feats = self._forward(images)
+            if self.cuda:
+                host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+                host.copy_(feats, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                new = (idx, host, reasons, ev)
+            else:
+                new = (idx, feats, reasons, None)
+        else:
+            new = None
+        if self.pending is not None:
+            idx, vec, reasons, ev = self.pending
+            if ev is not None:
+                ev.synchronize()
+            done = (idx, vec.numpy(), reasons)
+        self.pending = new
+        return done
+
+
+def _job_identity(manifest_file: Path, weights: Path | None, params: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "manifest_sha256": file_digest(manifest_file),
+        "weights_sha256": file_digest(weights) if weights else None,
+        **params,
+    }
+
+
+def _prepare_work(out: Path, job: dict[str, Any]) -> Path:
+    work = work_dir(out)
+    job_file = work / JOB
+    if job_file.exists():
+        try:
+            old = json.loads(job_file.read_text())
+        except ValueError:
+            old = None
+        if old != job:
+            log.warning("embed: %s holds a different job; starting over", work)
+            shutil.rmtree(work)
+            work = work_dir(out)
+    write_json_atomic(work / JOB, job)
+    return work
+
+
+def _write_shard(work: Path, shard: int, ids: list[str], vecs: list[np.ndarray], failed: list[dict], dim: int) -> None:
+    # The failure list goes first: the shard's .npy (written last by the store) marks the whole shard done.
+    fail_path = store.shard_path(work, shard).with_suffix(FAILED_SUFFIX)
+    fail_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(fail_path, failed)
+    arr = np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)
+    store.write_shard(work, shard, ids, arr)
+
+
+def _collect_failures(work: Path) -> list[dict]:
+    rows: list[dict] = []
+    for s in store.completed_shards(work):
+        rows.extend(json.loads(store.shard_path(work, s).with_suffix(FAILED_SUFFIX).read_text()))
+    return rows
+
+
+def run_embed(
+    manifest_path: str | os.PathLike,
+    weights: str | os.PathLike | None,
+    out: str | os.PathLike,
+    *,
+    arch: str = DEFAULT_ARCH,
+    patch_size: int = 14,
+    img_size: int = 224,
+    num_heads: int | None = None,
+    allow_random_init: bool = False,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    device: str = "auto",
+    shard_size: int = 50_000,
+    compile: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    stop_after_shards: int | None = None,
+) -> dict[str, Any]:
+    """Embed every image of an ingest manifest (a directory holding manifest.parquet, or the file) into `out`.
+
+    `weights`: a backbone checkpoint (any layout `pretrain.models.load_backbone` reads); the architecture
+    comes from it. Without weights, `allow_random_init=True` builds `arch`/`patch_size` at random (seeded),
+    for smoke tests only. `img_size`: the crop the images are embedded at. `compile` (default: on CUDA)
+    compiles the transformer blocks. `progress(done, total)` is called after each batch. For tests,
+    `stop_after_shards` returns after that many new shards without publishing (as a crash would).
+    Returns the stage manifest.
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise UserError("batch_size and shard_size must be positive")
+    if img_size % patch_size and weights is None:
+        raise UserError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
+    table = read_manifest_table(manifest_path)
+    manifest_file = Path(manifest_path) / "manifest.parquet" if Path(manifest_path).is_dir() else Path(manifest_path)
+    missing = {"id", "source", "member", "uri"} - set(table.column_names)
+    if missing:
+        raise UserError(f"{manifest_file} lacks the columns {sorted(missing)}: not an ingest manifest")
+    weights_path = Path(weights) if weights is not None else None
+    if weights_path is not None and not weights_path.is_file():
+        raise UserError(f"weights file not found: {weights}")
+    dev = resolve_device(device)
+    model = build_embedder(weights_path, arch=arch, patch_size=patch_size, img_size=img_size,
+                           num_heads=num_heads, allow_random_init=allow_random_init, seed=seed)  # fmt: skip
+    if img_size % model.patch_size:
+        raise UserError(f"img_size {img_size} is not a multiple of the model's patch size {model.patch_size}")
+    model_cfg = model.config.to_dict()
+    params = {"img_size": img_size, "shard_size": shard_size, "batch_size": batch_size, "device": dev.type,
+              "precision": "bf16-autocast" if dev.type == "cuda" else "fp32", "model": model_cfg,
+              "random_init_seed": None if weights_path else seed}  # fmt: skip
+    out = Path(out)
+    work = _prepare_work(out, _job_identity(manifest_file, weights_path, params))
+
+    ids = table.column("id").to_pylist()
+    n = len(ids)
+    n_shards = (n + shard_size - 1) // shard_size
+    done_shards = set(store.completed_shards(work))
+    todo = [s for s in range(n_shards) if s not in done_shards]
+    rows_done = sum(min((s + 1) * shard_size, n) - s * shard_size for s in done_shards if s < n_shards)
+    if done_shards:
+        log.info("embed: resuming, %d of %d shards already complete", len(done_shards), n_shards)
+
+    cuda = dev.type == "cuda"
+    if num_workers is None:
+        num_workers = min(os.cpu_count() or 1, 32) if cuda else max(1, (os.cpu_count() or 2) // 2)
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers) if num_workers else (os.cpu_count() or 1))
+    dataset = ManifestImages(
+        {"source": table.column("source").to_pylist(), "member": table.column("member").to_pylist()},
+        crop=img_size,
+        max_pixels=max_pixels,
+    )
+    uris = table.column("uri").to_pylist()
+    loader = DataLoader(
+        dataset,
+        batch_sampler=list(_shard_batches(todo, n, shard_size, batch_size)),
+        num_workers=num_workers,
+        pin_memory=cuda,
+        worker_init_fn=worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+    embedder = _Embedder(model, dev, compile=cuda if compile is None else compile)
+    dim = model.embed_dim
+
+    # Per-shard accumulation; a shard is written as soon as its last row is in.
+    acc: dict[int, dict[str, list]] = {}
+    new_shards = 0
+    t0 = time.perf_counter()
+
+    def consume(result: tuple[Any, ...]) -> bool:
+        nonlocal rows_done, new_shards
+        idx, vecs, reasons = result
+        idx = idx.tolist()
+        s = idx[0] // shard_size
+        a = acc.setdefault(s, {"ids": [], "vecs": [], "failed": [], "seen": 0})
+        for j, i in enumerate(idx):
+            if reasons[j]:
+                a["failed"].append({"id": ids[i], "uri": uris[i], "reason": reasons[j]})
+            else:
+                a["ids"].append(ids[i])
+                a["vecs"].append(vecs[j])
+        a["seen"] += len(idx)
+        rows_done += len(idx)
+        if progress:
+            progress(rows_done, n)
+        if a["seen"] == min((s + 1) * shard_size, n) - s * shard_size:
+            _write_shard(work, s, a["ids"], a["vecs"], a["failed"], dim)
+            del acc[s]
+            new_shards += 1
+            rate = rows_done / max(time.perf_counter() - t0, 1e-9)
+            log.info("embed: shard %d written (%d/%d images, %.0f img/s)", s, rows_done, n, rate)
+            if stop_after_shards is not None and stop_after_shards <= new_shards < len(todo):
+                return True
+        return False
+
+    stopped = False
+    for batch in loader:
+        res = embedder.submit(batch)
+        if res is not None and consume(res):
+            stopped = True
+            break
+    if not stopped:
+        res = embedder.submit(None)
+        if res is not None:
+            stopped = consume(res)
+    if stopped:
+        return {"stage": "embed", "stopped_early": True, "shards_written": new_shards}
+    if acc:
+        raise RuntimeError(f"embed: shards {sorted(acc)} incomplete after the loader finished")  # a bug, not input
+
+    n_rows = store.write_index(work)
+    failures = _collect_failures(work)
+    pq.write_table(
+        pa.table({k: pa.array([f[k] for f in failures], pa.string()) for k in ("id", "uri", "reason")}),
+        work / QUARANTINE,
+    )
+    (work / JOB).unlink()
+    reasons: dict[str, int] = {}
+    for f in failures:
+        reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
+    manifest = {
+        "stage": "embed",
+        "manifest": str(manifest_file.resolve()),
+        "weights": str(weights_path.resolve()) if weights_path else None,
+        "params": {k: v for k, v in params.items() if k != "model"},
+        "model": model_cfg,
+        "dim": dim,
+        "counts": {"images": n, "embedded": n_rows, "failed": len(failures), "shards": n_shards},
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "outputs": {"index": store.INDEX, "shards": store.SHARD_DIR, "quarantine": QUARANTINE},
+        "digest": dir_digest(work),
+    }
+    return publish(work, out, manifest)
