@@ -89,7 +89,7 @@ def test_index_choice_by_size_and_ivf_recall():
     _, b = knn.search(flat, x[:200], 5)
     recall = np.mean([len(set(a[i]) & set(b[i])) / 5 for i in range(200)])
     assert recall > 0.9
-    pq_index = knn.build_index(x, spec="IVF64,PQ8", nprobe=64)
+    pq_index = knn.build_index(x, spec="IVF16,PQ8x4", nprobe=16)
     _, c = knn.search(pq_index, x[:200], 1)
     assert np.mean(c[:, 0] == np.arange(200)) > 0.5  # each point finds itself, approximately
 
@@ -155,7 +155,8 @@ def test_run_retrieve_auto_mode_writes_table_and_report(pool_dir):
     assert {blob_of[r["id"]] for r in small_rows} == {2}  # the small set pulls in only its blob
     assert {blob_of[r["id"]] for r in big_rows} == {1}
     assert len(small_rows) == 50  # every image of the clusters holding its queries
-    assert sum(len(r["queries"]) > 1 for r in big_rows) == m["counts"]["collisions"] > 0  # 30 queries x 4 in one blob
+    assert sum(len(r["queries"]) > 1 for r in rows) == m["counts"]["collisions"]
+    assert sum(len(r["queries"]) > 1 for r in big_rows) > 0  # 30 queries x 4 neighbours in one blob of 150
     for r in rows:
         assert len(r["queries"]) == len(r["distances"]) == len(r["query_sets"])
         assert r["distances"] == sorted(r["distances"])
