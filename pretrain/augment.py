@@ -1,0 +1,78 @@
+"""DINOv2 multi-crop augmentation with torchvision transforms v2: 2 global crops and N local crops.
+
+Per crop: RandomResizedCrop (bicubic) + horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8,
+grayscale p=0.2, then Gaussian blur (kernel 9, sigma 0.1-2) and, on the second global crop, solarisation
+(threshold 128, p=0.2); ImageNet normalisation.
+
+Blur probabilities (`blur_probabilities`):
+- "paper" (default): global crop 1 always blurred (p=1.0), global crop 2 with p=0.1, local crops p=0.5 —
+  the BYOL recipe the DINO/DINOv2 papers describe.
+- "official": what the released DINOv2/DINOv3 checkpoints were actually trained with. The official
+  `GaussianBlur(p)` passes `1 - p` to `RandomApply`, inverting the probabilities: global crop 1 is never
+  blurred, global crop 2 is blurred 90% of the time, locals 50% (dinov2 PR #411, dinov3 issue #286).
+  Choose it to match the released models' training distribution.
+
+Randomness is torch's global RNG (torchvision's transforms draw from it); the trainer seeds it per batch
+from (run seed, iteration, rank), which makes resumed runs draw the same crops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BLUR_PROBABILITIES = {
+    "paper": {"global1": 1.0, "global2": 0.1, "local": 0.5},
+    "official": {"global1": 0.0, "global2": 0.9, "local": 0.5},
+}
+
+
+def _blur(p: float) -> v2.Transform:
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+
+
+class MultiCropAugmentation:
+    """Callable: PIL image (or uint8 CHW tensor) -> {"global_crops": [2 tensors], "local_crops": [N tensors]}."""
+
+    def __init__(self, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number: int = 8,
+                 global_crops_size: int = 224, local_crops_size: int = 96, blur_probabilities: str = "paper",
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if blur_probabilities not in BLUR_PROBABILITIES:
+            raise ValueError(f"blur_probabilities must be one of {sorted(BLUR_PROBABILITIES)}, "
+                             f"got {blur_probabilities!r}")
+        probs = BLUR_PROBABILITIES[blur_probabilities]
+        self.local_crops_number = local_crops_number
+        self.global_crops_size = global_crops_size
+        self.local_crops_size = local_crops_size
+
+        def geometric(size, scale):
+            return v2.Compose([
+                v2.ToImage(),
+                v2.RGB(),  # grayscale sources become 3-channel, so every crop has the backbone's channels
+                v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(p=0.5),
+            ])
+
+        colour = v2.Compose([
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ])
+        normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)])
+
+        self.global1 = v2.Compose([geometric(global_crops_size, global_crops_scale), colour,
+                                   _blur(probs["global1"]), normalise])
+        # Solarisation works on uint8 values (threshold 128), so it comes before the float conversion.
+        self.global2 = v2.Compose([geometric(global_crops_size, global_crops_scale), colour,
+                                   _blur(probs["global2"]), v2.RandomSolarize(threshold=128, p=0.2), normalise])
+        self.local = v2.Compose([geometric(local_crops_size, local_crops_scale), colour,
+                                 _blur(probs["local"]), normalise])
+
+    def __call__(self, image) -> dict:
+        return {
+            "global_crops": [self.global1(image), self.global2(image)],
+            "local_crops": [self.local(image) for _ in range(self.local_crops_number)],
+        }

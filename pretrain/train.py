@@ -1,0 +1,304 @@
+"""The DINOv2 trainer: config-driven, one process or many (torchrun), CPU (gloo) or CUDA (NCCL).
+
+    python -m pretrain.train --config run.json --shards SHARDS --out OUT          # one process
+    torchrun --nproc-per-node 2 -m pretrain.train --config run.json --shards SHARDS --out OUT
+
+Under torchrun each student/teacher block is sharded with FSDP2 (`fully_shard` per block, then the
+backbone and each head), on CPU with gloo too. The run resumes from `OUT/checkpoints/latest` when present
+(on any process count), and a run killed and resumed reproduces the uninterrupted run's losses (bitwise
+on CPU in one process: batches are seeded per iteration, and model, optimizer, loss centres, RNG states
+and the data position are all restored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.augment import MultiCropAugmentation
+from pretrain.checkpointing import full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.config import TrainConfig
+from pretrain.data import BatchStream
+from pretrain.distributed import all_reduce_sum, is_dist, rank, world_size
+from pretrain.meta_arch import SSLMetaArch, TrainingDiverged
+from pretrain.metrics_log import MetricsLog, plot_curves
+from pretrain.param_groups import apply_schedules, param_groups
+from pretrain.schedules import build_schedules, scaled_lr
+
+
+# ---- construction ------------------------------------------------------------------------------------
+def build_backbone(cfg: TrainConfig, *, drop_path_rate: float | None = None):
+    from pretrain.models.vit import build_vit
+
+    overrides = {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads") if getattr(cfg, k)}
+    return build_vit(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size, ffn_layer=cfg.ffn_layer,
+                     init_values=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
+                     drop_path_rate=cfg.drop_path_rate if drop_path_rate is None else drop_path_rate,
+                     drop_path_uniform=cfg.drop_path_uniform, **overrides)
+
+
+def build_meta_arch(cfg: TrainConfig) -> SSLMetaArch:
+    meta = SSLMetaArch(build_backbone(cfg), dino_prototypes=cfg.dino_prototypes,
+                       ibot_prototypes=cfg.ibot_prototypes, head_hidden_dim=cfg.head_hidden_dim,
+                       head_bottleneck_dim=cfg.head_bottleneck_dim, head_nlayers=cfg.head_nlayers,
+                       ibot_separate_head=cfg.ibot_separate_head, dino_weight=cfg.dino_weight,
+                       ibot_weight=cfg.ibot_weight, koleo_weight=cfg.koleo_weight, centering=cfg.centering)
+    # The teacher runs without stochastic depth (DINOv2 builds it with drop_path_rate 0).
+    for blk in meta.teacher["backbone"].blocks:
+        blk.drop_path_rate = 0.0
+    return meta
+
+
+def build_augmentation(cfg: TrainConfig, highres: bool = False) -> MultiCropAugmentation:
+    return MultiCropAugmentation(
+        global_crops_scale=tuple(cfg.global_crops_scale), local_crops_scale=tuple(cfg.local_crops_scale),
+        local_crops_number=cfg.local_crops_number,
+        global_crops_size=cfg.highres_global_crops_size if highres else cfg.global_crops_size,
+        local_crops_size=cfg.highres_local_crops_size if highres else cfg.local_crops_size,
+        blur_probabilities=cfg.blur_probabilities)
+
+
+def shard_with_fsdp2(meta: SSLMetaArch, device: torch.device) -> None:
+    """FSDP2: each transformer block, then each backbone and head, of the student and of the teacher.
+
+    Student and teacher are sharded the same way, so their local shards line up for the EMA update. The
+    loss modules (centre buffers) are left unsharded and replicated.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    for net in (meta.student, meta.teacher):
+        for blk in net["backbone"].blocks:
+            fully_shard(blk, mesh=mesh, mp_policy=mp)
+        for name in net.keys():
+            fully_shard(net[name], mesh=mesh, mp_policy=mp)
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun process group when launched by torchrun; pick this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def open_shard_stream(shards: str | Path, cfg: TrainConfig):
+    """The training sample stream for this process: shards.reader's ShardDataset, split by rank."""
+    from shards.reader import ShardDataset
+
+    return ShardDataset(shards, rank=rank(), world_size=world_size(), seed=cfg.seed)
+
+
+# ---- teacher export ----------------------------------------------------------------------------------
+def export_teacher(meta: SSLMetaArch, cfg: TrainConfig, dest: Path, iteration: int):
+    """Collective. Rank 0 writes `teacher_backbone.pth` (this project's format: config + weights, read by
+    `load_backbone` and `lvdflow eval`), `teacher_official.pth` (bare DINOv2 hub layout) and
+    `teacher_checkpoint.pth` (`{"teacher": ...}` with heads, the official eval/distillation layout).
+    Returns the unsharded teacher backbone on rank 0, None elsewhere."""
+    from pretrain.models.checkpoint import export_official, save_backbone
+
+    sd = full_state_dict(meta.teacher)
+    if rank() != 0:
+        return None
+    backbone = build_backbone(cfg, drop_path_rate=0.0)
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
+    dest.mkdir(parents=True, exist_ok=True)
+    save_backbone(backbone, dest / "teacher_backbone.pth", extra={"iteration": iteration})
+    export_official(backbone, dest / "teacher_official.pth")
+    tmp = dest / "teacher_checkpoint.pth.tmp"
+    torch.save({"teacher": sd, "iteration": iteration}, tmp)
+    tmp.replace(dest / "teacher_checkpoint.pth")
+    return backbone.eval()
+
+
+def _knn(backbone, cfg: TrainConfig, eval_train, eval_test, device) -> dict:
+    from pretrain.evaluate import evaluate_backbone
+
+    res = evaluate_backbone(backbone, eval_train, eval_test, "knn",
+                            image_size=cfg.eval_image_size or cfg.global_crops_size, device=device)
+    return {k: v for k, v in res.items() if k.startswith("knn_top1")}
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+def _reduce_metrics(metrics: dict, device) -> dict[str, float]:
+    keys = sorted(metrics)
+    vec = torch.stack([metrics[k].detach().float().to(device).reshape(()) for k in keys])
+    vec = all_reduce_sum(vec) / world_size()
+    return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None, dataset=None,
+          eval_train: str | Path | None = None, eval_test: str | Path | None = None) -> dict:
+    """Train (or resume) into `out`. Returns a summary dict (rank 0's view)."""
+    cfg.validate()
+    out = Path(out)
+    device = init_distributed()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (FSDP shards one model)
+    meta = build_meta_arch(cfg).to(device)
+    if is_dist():
+        shard_with_fsdp2(meta, device)
+    torch.manual_seed(cfg.seed + 1000 * rank())  # per-rank stochastic depth draws
+    groups = param_groups(meta.student, num_layers=len(meta.student["backbone"].blocks),
+                          layer_decay=cfg.layer_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  betas=tuple(cfg.adamw_betas))
+    global_batch = cfg.batch_size_per_rank * world_size()
+    lr = scaled_lr(cfg.base_lr, global_batch) if cfg.lr_scaling == "sqrt_wrt_1024" else cfg.base_lr
+    sched = build_schedules(total_iters=cfg.total_iters, lr=lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
+                            weight_decay=cfg.weight_decay, weight_decay_end=cfg.weight_decay_end,
+                            momentum_teacher=cfg.momentum_teacher, final_momentum_teacher=cfg.final_momentum_teacher,
+                            teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
+                            warmup_teacher_temp_iters=cfg.warmup_teacher_temp_iters,
+                            freeze_last_layer_iters=cfg.freeze_last_layer_iters)
+
+    if dataset is None:
+        if shards is None:
+            raise ValueError("train() needs shards or a dataset")
+        dataset = open_shard_stream(shards, cfg)
+    stream = BatchStream(dataset, batch_size=cfg.batch_size_per_rank, seed=cfg.seed, rank=rank(),
+                         mask_probability=cfg.mask_probability, mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
+
+    ckroot = out / "checkpoints"
+    start = 0
+    ckpt = latest_checkpoint(ckroot)
+    if ckpt is not None:
+        info = load_checkpoint(ckpt, meta, optimizer)
+        start = info["iteration"]
+        if info["data"] is not None:
+            stream.load_state_dict(info["data"])
+        elif rank() == 0:
+            print(f"resume: checkpoint written by {info['saved_world_size']} processes; data streams of the "
+                  f"new ranks start from their beginning", flush=True)
+    log = MetricsLog(out, start, enabled=rank() == 0)
+    last_layer = [p for n, p in meta.student.named_parameters() if "last_layer" in n]
+    stop = min(cfg.stop_after or cfg.total_iters, cfg.total_iters)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    augs = {False: build_augmentation(cfg, False)}
+    highres_from = cfg.total_iters - cfg.highres_iters if cfg.highres_iters else cfg.total_iters + 1
+    export_dir = out / "exports"
+    last_record: dict = {}
+    t_last, n_since = time.perf_counter(), 0
+    meta.train()
+    for it in range(start, stop):
+        highres = it >= highres_from
+        if highres not in augs:
+            augs[highres] = build_augmentation(cfg, highres)
+        batch = _to_device(stream.next_batch(it, augs[highres], cfg.patch_size), device)
+        s = sched.at(it)
+        apply_schedules(optimizer, lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"])
+        with autocast:
+            loss, metrics = meta(batch, s["teacher_temp"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if it < cfg.freeze_last_layer_iters:
+            # Official DINO cancels the prototypes' gradients early on; zeros (not None) keep the optimizer
+            # state complete, so a checkpoint taken while frozen has every parameter's state.
+            for p in last_layer:
+                if p.grad is not None:
+                    p.grad.zero_()
+        if cfg.clip_grad:
+            for name in meta.student.keys():  # per submodule, as DINOv2
+                torch.nn.utils.clip_grad_norm_(meta.student[name].parameters(), cfg.clip_grad)
+        optimizer.step()
+        meta.update_teacher(s["momentum"])
+        n_since += 1
+
+        reduced = _reduce_metrics(metrics, device)
+        if not math.isfinite(reduced["total_loss"]):
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in reduced.items() if k.endswith("loss"))
+            raise TrainingDiverged(f"non-finite loss at iteration {it} ({parts}); lower the learning rate "
+                                   f"or check the data; the last checkpoint is in {ckroot}")
+        done = it + 1
+        if it == start or done % cfg.log_every == 0 or done == stop:
+            now = time.perf_counter()
+            record = {"iteration": it, **reduced, **s, "highres": highres,
+                      "images_per_s": n_since * global_batch / max(now - t_last, 1e-9),
+                      "s_per_iter": (now - t_last) / max(n_since, 1)}
+            t_last, n_since = now, 0
+            log.log(record)
+            last_record = record
+            if rank() == 0:
+                print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
+                      flush=True)
+        if done % cfg.checkpoint_every == 0 or done == stop:
+            save_checkpoint(ckroot, done, meta, optimizer, stream.state_dict(), cfg.to_dict(), cfg.keep_checkpoints)
+        want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
+        if (cfg.export_every and done % cfg.export_every == 0) or want_eval:
+            backbone = export_teacher(meta, cfg, export_dir / f"it_{done:08d}", done)
+            if want_eval and rank() == 0:
+                res = _knn(backbone, cfg, eval_train, eval_test, "cpu" if device.type == "cpu" else device)
+                log.log({"iteration": it, **res})
+                print(json.dumps({"iteration": it, **res}), flush=True)
+            if is_dist():
+                dist.barrier()
+
+    summary = {"iterations_done": stop, "total_iters": cfg.total_iters, "world_size": world_size(),
+               "global_batch": global_batch, "lr": lr, "last": last_record, "resumed_from": start}
+    if stop == cfg.total_iters:
+        backbone = export_teacher(meta, cfg, out / "teacher", cfg.total_iters)
+        if rank() == 0:
+            summary["teacher"] = str(out / "teacher" / "teacher_backbone.pth")
+            if eval_train and eval_test:
+                res = _knn(backbone, cfg, eval_train, eval_test, "cpu" if device.type == "cpu" else device)
+                log.log({"iteration": cfg.total_iters - 1, **res})
+                summary["knn"] = res
+    if rank() == 0:
+        png = plot_curves(log.path, out / "curves.png")
+        summary["curves"] = str(png) if png else None
+    log.close()
+    if is_dist():
+        dist.barrier()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="DINOv2 pretraining (one process, or one per torchrun rank)")
+    ap.add_argument("--config", required=True, help="YAML/JSON training profile")
+    ap.add_argument("--shards", required=True, help="folder of WebDataset shards")
+    ap.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
+    ap.add_argument("--eval-train")
+    ap.add_argument("--eval-test")
+    ap.add_argument("--summary", help="write the summary JSON here (rank 0)")
+    args = ap.parse_args(argv)
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config)
+    try:
+        summary = train(cfg, args.out, shards=args.shards, eval_train=args.eval_train, eval_test=args.eval_test)
+        if args.summary and rank() == 0:
+            Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
