@@ -1,0 +1,268 @@
+"""WebDataset shards: writer round trip, limits, atomic resume; reader split, epochs, resume, corruption."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader
+
+import shards.writer as writer
+from _retrieval_data import write_images, write_manifest
+from lvdflow.errors import UserError
+from lvdflow.stage import is_complete
+from shards.reader import CorruptShardError, ShardDataset, emission_order
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    table = write_images(tmp_path / "img", 40, np.random.default_rng(0))
+    # Retrieval columns, as in retrieved.parquet.
+    table = table.append_column("cluster", pa.array([i % 5 for i in range(40)], pa.int64()))
+    table = table.append_column("queries", pa.array([[f"q{i}", "q0"] for i in range(40)], pa.list_(pa.string())))
+    table = table.append_column("distances", pa.array([[0.1, 0.2]] * 40, pa.list_(pa.float32())))
+    return write_manifest(table, tmp_path / "ret" / "retrieved.parquet").parent, table
+
+
+def _collate(batch):
+    return {k: [b[k] for b in batch] for k in batch[0]}
+
+
+def test_writer_round_trip_keeps_original_bytes(manifest, tmp_path):
+    src, table = manifest
+    m = writer.run_shard(src, tmp_path / "shards", max_count=7)
+    out = tmp_path / "shards"
+    assert is_complete(out)
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:06d}.tar" for i in range(6)]
+    assert m["counts"]["samples"] == 40 and m["counts"]["shards"] == 6
+    rows = {r["id"]: r for r in table.to_pylist()}
+    seen = 0
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            names = tf.getnames()
+            for name in names:
+                key, ext = name.split(".", 1)
+                data = tf.extractfile(name).read()
+                if ext == "json":
+                    meta = json.loads(data)
+                    assert meta["uri"] == rows[key]["uri"] and meta["cluster"] == rows[key]["cluster"]
+                    assert meta["queries"] == [f"q{list(rows).index(key)}", "q0"] and len(meta["distances"]) == 2
+                    assert meta["sha256"] == rows[key]["sha256"]
+                else:
+                    assert ext == {"PNG": "png", "JPEG": "jpg"}[rows[key]["format"]]
+                    assert data == Path(rows[key]["source"]).read_bytes()  # not re-encoded
+                    seen += 1
+        idx = pq.read_table(tar.with_suffix(".parquet"))
+        assert idx["key"].to_pylist() == [n.split(".")[0] for n in names if n.endswith(".json")]
+    assert seen == 40
+    index = pq.read_table(out / "index.parquet")
+    assert index.num_rows == 40 and sorted(set(index["shard"].to_pylist())) == list(range(6))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["per_shard"] == [7, 7, 7, 7, 7, 5]
+
+
+def test_writer_byte_limit_and_errors(manifest, tmp_path):
+    src, table = manifest
+    rows = table.to_pylist()
+    Path(rows[3]["source"]).unlink()  # unreadable
+    Path(rows[5]["source"]).write_bytes(b"changed")  # bytes differ from the manifest
+    limit = 3 * (max(r["bytes"] for r in rows) + writer.SAMPLE_OVERHEAD)
+    m = writer.run_shard(src, tmp_path / "s", max_count=1000, max_bytes=limit)
+    out = tmp_path / "s"
+    assert m["counts"]["shards"] > 40 // 3 - 1
+    for p in out.glob("*.tar"):
+        assert p.stat().st_size <= limit + 1024 * 10  # tar end-of-archive blocks come on top of the plan
+    assert m["counts"]["samples"] == 38 and m["error_reasons"] == {"unreadable": 1, "changed_since_ingest": 1}
+    errs = pq.read_table(out / "errors.parquet").to_pylist()
+    assert {e["id"] for e in errs} == {rows[3]["id"], rows[5]["id"]}
+
+
+def test_rerun_skips_complete_shards(manifest, tmp_path, monkeypatch):
+    src, _ = manifest
+    out = tmp_path / "s"
+    real = writer._read_bytes
+    calls = {"n": 0}
+
+    def crashing(row):
+        calls["n"] += 1
+        if calls["n"] > 17:
+            raise KeyboardInterrupt("killed")  # not caught per row: the run dies mid-shard
+        return real(row)
+
+    monkeypatch.setattr(writer, "_read_bytes", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        writer.run_shard(src, out, max_count=7)
+    work = Path(str(out) + ".partial")
+    done = sorted(p.name for p in work.glob("*.parquet"))
+    assert done == ["000000.parquet", "000001.parquet"]  # 14 rows written, shard 2 died after 3
+    inode = (work / "000000.tar").stat().st_ino
+    counted = {"n": 0}
+
+    def counting(row):
+        counted["n"] += 1
+        return real(row)
+
+    monkeypatch.setattr(writer, "_read_bytes", counting)
+    m = writer.run_shard(src, out, max_count=7)
+    assert counted["n"] == 40 - 14 and m["counts"]["shards_skipped"] == 2
+    assert (out / "000000.tar").stat().st_ino == inode
+    # A rerun over the published output skips every shard; changed limits rewrite them.
+    counted["n"] = 0
+    m = writer.run_shard(src, out, max_count=7)
+    assert counted["n"] == 0 and m["counts"]["shards_skipped"] == 6
+    m = writer.run_shard(src, out, max_count=10)
+    assert m["counts"]["shards"] == 4 and counted["n"] == 40 and not (out / "000005.tar").exists()
+
+
+def test_faces_are_blurred_or_refused(tmp_path, monkeypatch):
+    table = write_images(tmp_path / "img", 4, np.random.default_rng(1), formats=("PNG",))
+    faces = [[[2, 2, 12, 12]], [], None, [[0, 0, 5, 5], [6, 6, 20, 18]]]
+    table = table.append_column("faces", pa.array(faces, pa.list_(pa.list_(pa.float64()))))
+    write_manifest(table, tmp_path / "m" / "manifest.parquet")
+    monkeypatch.setattr(writer, "_blur_hook", lambda: None)
+    with pytest.raises(UserError, match="unblurred faces"):
+        writer.run_shard(tmp_path / "m", tmp_path / "s")
+
+    def blur_boxes(img, boxes):
+        img = img.copy()
+        for x0, y0, x1, y1 in boxes:
+            box = tuple(int(v) for v in (x0, y0, x1, y1))
+            img.paste(img.crop(box).filter(ImageFilter.GaussianBlur(3)), box[:2])
+        return img
+
+    monkeypatch.setattr(writer, "_blur_hook", lambda: blur_boxes)
+    m = writer.run_shard(tmp_path / "m", tmp_path / "s")
+    assert m["counts"]["blurred"] == 2
+    ds = ShardDataset(tmp_path / "s", decode="bytes", shuffle_buffer=1, with_meta=True)
+    got = {s["key"]: s for s in ds}
+    for r, f in zip(table.to_pylist(), faces):
+        s = got[r["id"]]
+        assert s["meta"]["blurred"] == bool(f)
+        assert (s["image"] == Path(r["source"]).read_bytes()) == (not f)
+        Image.open(io.BytesIO(s["image"])).verify()
+
+
+@pytest.fixture
+def shard_dir(manifest, tmp_path):
+    src, table = manifest
+    writer.run_shard(src, tmp_path / "ds", max_count=5)  # 8 shards of 5
+    return tmp_path / "ds", table
+
+
+def test_reader_decodes_and_verifies(shard_dir):
+    root, table = shard_dir
+    ds = ShardDataset(root, shuffle_buffer=1, shuffle_shards=False)
+    samples = list(ds)
+    assert [s["key"] for s in samples] == table["id"].to_pylist()  # no shuffle: manifest order
+    src = Image.open(table["source"][0].as_py()).convert("RGB")
+    assert np.array_equal(np.asarray(samples[0]["image"]), np.asarray(src))
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 2), (2, 2), (3, 1)])
+def test_rank_and_worker_split_covers_every_sample_once(shard_dir, world_size, num_workers):
+    root, table = shard_dir
+    keys = []
+    for rank in range(world_size):
+        ds = ShardDataset(root, rank=rank, world_size=world_size, seed=7, shuffle_buffer=4, decode="bytes")
+        ds.set_epoch(3)
+        got = [k for b in DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=_collate) for k in b["key"]]
+        assert len(got) == ds.samples_per_rank(3)[rank]
+        keys += got
+    assert sorted(keys) == sorted(table["id"].to_pylist())
+
+
+def test_epochs_are_deterministic_and_differ(shard_dir):
+    root, _ = shard_dir
+
+    def order(epoch, seed=0):
+        ds = ShardDataset(root, seed=seed, shuffle_buffer=10, decode="bytes")
+        ds.set_epoch(epoch)
+        return [s["key"] for s in ds]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert order(1) != order(1, seed=5)
+    assert sorted(order(0)) == sorted(order(1))
+
+
+def test_emission_order_is_a_bounded_buffer_permutation():
+    o = emission_order(1000, 16, np.random.default_rng(0))
+    assert sorted(o.tolist()) == list(range(1000))
+    # A buffer of 16 never emits an input more than 15 positions before it was read.
+    assert all(o[k] <= k + 15 for k in range(1000))
+
+
+def test_resume_position_is_exact(shard_dir):
+    root, table = shard_dir
+
+    def make():
+        ds = ShardDataset(root, seed=1, shuffle_buffer=8, decode="bytes")
+        ds.set_epoch(2)
+        return ds
+
+    def run(ds, stop=None):
+        per_worker: dict[int, list[str]] = {}
+        for n, b in enumerate(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=_collate)):
+            if stop is not None and n == stop:
+                break
+            for w, k in zip(b["worker"], b["key"]):
+                per_worker.setdefault(w, []).append(k)
+            ds.record(b)
+        return per_worker
+
+    full = run(make())
+    ds = make()
+    first = run(ds, stop=5)
+    state = ds.state_dict()
+    assert state["epoch"] == 2 and state["num_workers"] == 2 and sum(state["consumed"].values()) == 15
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
+    rest = run(resumed)
+    for w in full:
+        assert first.get(w, []) + rest.get(w, []) == full[w]  # each worker's stream continues exactly
+    assert sum(len(v) for v in first.values()) + sum(len(v) for v in rest.values()) == table.num_rows
+    with pytest.raises(ValueError, match="dataloader workers"):
+        bad = make()
+        bad.load_state_dict(state)
+        next(iter(DataLoader(bad, batch_size=3, num_workers=1, collate_fn=_collate)))
+
+
+def test_corrupt_shard_is_named_and_skipped_or_raised(shard_dir, tmp_path):
+    root, table = shard_dir
+    tar = root / "000003.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 3])  # truncated
+    log = tmp_path / "errors.jsonl"
+    ds = ShardDataset(root, shuffle_buffer=4, decode="bytes", error_log=log)
+    keys = [s["key"] for s in ds]
+    shard3 = set(pq.read_table(root / "000003.parquet")["key"].to_pylist())
+    assert set(keys) >= set(table["id"].to_pylist()) - shard3 and len(keys) < table.num_rows
+    assert ds.errors and all(e["shard"] == "000003.tar" for e in ds.errors)
+    assert "000003.tar" in log.read_text()
+    with pytest.raises(CorruptShardError, match="000003.tar"):
+        list(ShardDataset(root, shuffle_buffer=4, decode="bytes", on_error="raise"))
+
+
+def test_checksum_mismatch_names_shard_and_sample(shard_dir):
+    root, _ = shard_dir
+    tar = root / "000001.tar"
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    victim = next(m for m, _ in members if not m.name.endswith(".json"))
+    with tarfile.open(tar, "w") as tf:  # rewrite with one image's bytes altered
+        for m, d in members:
+            if m.name == victim.name:
+                d = bytes([d[0] ^ 0xFF]) + d[1:]
+            tf.addfile(m, io.BytesIO(d))
+    ds = ShardDataset(root, shuffle_buffer=1, decode="bytes")
+    keys = [s["key"] for s in ds]
+    assert len(keys) == 39 and victim.name.split(".")[0] not in keys
+    assert ds.errors[0]["shard"] == "000001.tar" and ds.errors[0]["key"] == victim.name.split(".")[0]
+    assert "sha256" in ds.errors[0]["reason"]
