@@ -107,6 +107,21 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def decode_with_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, ImageInfo]:
+    """Decode and normalise to RGB; also return what the file was (format, original mode, frames)."""
+    img, info = _load(data, max_pixels, normalise=True)
+    return img, info
+
+
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Validate by decoding every pixel, without the RGB normalisation (ingest's check: the same failures
+    as `decode_rgb`, at the cost of the decode alone). Sizes are reported after EXIF orientation."""
+    return _load(data, max_pixels, normalise=False)[1]
+
+
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+def _load(data: bytes, max_pixels: int, normalise: bool) -> tuple[Image.Image, ImageInfo]:
     img = _open(data, max_pixels)
     fmt, mode = img.format or "UNKNOWN", img.mode
     frames = int(getattr(img, "n_frames", 1) or 1)
@@ -114,6 +129,11 @@ def decode_with_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
         if frames > 1:
             img.seek(0)  # animated GIF/WEBP/APNG: the first frame stands for the image
         img.load()  # decodes every pixel: truncated or corrupt data fails here, not in a training worker
+        if not normalise:
+            w, h = img.size
+            if img.getexif().get(0x0112) in _SWAPS_AXES:
+                w, h = h, w
+            return img, ImageInfo(fmt, mode, w, h, frames)
         img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
         rgb.load()

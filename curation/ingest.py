@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_with_info
+from curation.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from curation.sources import Item, iter_source
 from lvdflow.errors import UserError
 from lvdflow.stage import file_digest, publish, work_dir
@@ -74,7 +74,7 @@ def check_item(item: Item, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int =
         except OSError as exc:
             return "bad", {**base, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"}
     try:
-        _, info = decode_with_info(data, max_pixels)
+        info = probe(data, max_pixels)
     except DecodeError as exc:
         return "bad", {**base, "reason": exc.reason, "detail": exc.detail}
     except Exception as exc:  # a decoder bug must cost one image, not the whole ingest
@@ -110,7 +110,9 @@ class _Pool:
         if self.n <= 0:
             return [_check_star(a) for a in args]
         try:
-            return list(self._executor().map(_check_star, args, chunksize=16))
+            # Big chunks: per-item IPC costs more than decoding a small image.
+            chunk = max(16, len(args) // (self.n * 4))
+            return list(self._executor().map(_check_star, args, chunksize=chunk))
         except BrokenProcessPool:
             self._reset()
         # A worker died (a segfault in a decoder, the OOM killer): redo this batch one image at a time
