@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def save_checkpoint(root: Path, iteration: int, model: torch.nn.Module, optimize
         shutil.rmtree(ckpt)  # a partial save of the same iteration by a killed run
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
+    with warnings.catch_warnings():  # one process without a process group is a supported, intended case
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
     torch.save({"rng": rng_state(), "data": data_state}, ckpt / f"rank_{rank()}.pt")
     _barrier()
     if rank() == 0:
@@ -90,7 +93,9 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> dict:
     state = json.loads((ckpt / "state.json").read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer)
     target = {"model": model_sd, "optim": optim_sd}
-    dcp.load(target, checkpoint_id=str(ckpt))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=str(ckpt))
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     own = ckpt / f"rank_{rank()}.pt"
     per_rank = torch.load(own, weights_only=False) if own.exists() else None

@@ -260,7 +260,11 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
                 dist.barrier()
 
     summary = {"iterations_done": stop, "total_iters": cfg.total_iters, "world_size": world_size(),
-               "global_batch": global_batch, "lr": lr, "last": last_record, "resumed_from": start}
+               "global_batch": global_batch, "lr": lr, "last": last_record, "resumed_from": start,
+               # Under FSDP2 each rank holds ~1/world of the student: local < total shows it is sharded.
+               "student_params_total": sum(p.numel() for p in meta.student.parameters()),
+               "student_params_local": sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                                           for p in meta.student.parameters())}
     if stop == cfg.total_iters:
         backbone = export_teacher(meta, cfg, out / "teacher", cfg.total_iters)
         if rank() == 0:

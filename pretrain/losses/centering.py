@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from pretrain.distributed import all_reduce_sum, is_dist, world_size
+
+
+def _logsumexp_all_ranks(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """log(sum(exp(x))) over `dim` (or everything) and over all ranks, stable for any magnitude."""
+    m = (x.amax() if dim is None else x.amax(dim=dim, keepdim=True)).detach().clone()
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    s = torch.exp(x - m)
+    s = s.sum() if dim is None else s.sum(dim=dim, keepdim=True)
+    return m + torch.log(all_reduce_sum(s))
 
 
 @torch.no_grad()
@@ -14,30 +26,25 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     """Teacher targets by Sinkhorn-Knopp (SwAV / DINOv2), rows are samples, columns prototypes.
 
     Alternately normalises the K x B matrix exp(t / T) so that prototypes get equal mass and every sample
-    gets mass 1, with sums all-reduced over ranks (so the whole global batch is balanced). Computed in
-    fp32. `n_samples_total` is the global number of rows (default: local rows x world size; iBOT passes
-    the all-reduced count of masked patches, which differs per rank). Returns a (B, K) matrix whose rows
-    sum to 1.
+    gets mass 1, with sums over samples all-reduced across ranks (the whole global batch is balanced).
+    Same iterations as DINOv2, computed in fp32 in the log domain: with T = 0.04 the official exp(t / T)
+    overflows or underflows for logits a few units apart, here no sample or prototype can end up as
+    0/0. `n_samples_total` is the global number of rows (default: local rows x world size; iBOT passes the
+    all-reduced count of masked patches, which differs per rank). Returns a (B, K) matrix whose rows sum
+    to 1.
     """
-    t = teacher_logits.float() / teacher_temp
-    # Subtracting the global max changes nothing after normalisation but keeps exp() finite in fp32.
-    m = t.max().detach().clone()
-    if is_dist() and world_size() > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    q = torch.exp(t - m).t()  # K x B
-    k = q.shape[0]
+    lq = (teacher_logits.float() / teacher_temp).t()  # K x B, log of the unnormalised matrix
+    k = lq.shape[0]
     if n_samples_total is None:
-        b = q.shape[1] * world_size()
+        b = lq.shape[1] * world_size()
     else:
         b = float(n_samples_total.item()) if isinstance(n_samples_total, torch.Tensor) else float(n_samples_total)
-    q /= all_reduce_sum(q.sum())
+    log_k, log_b = math.log(k), math.log(max(b, 1.0))
+    lq = lq - _logsumexp_all_ranks(lq)
     for _ in range(n_iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype gets mass 1/K
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)  # each sample gets mass 1/B (columns are local)
-        q /= b
-    q *= b
-    return q.t()
+        lq = lq - _logsumexp_all_ranks(lq, dim=1) - log_k  # each prototype: mass 1/K (over all ranks' samples)
+        lq = lq - torch.logsumexp(lq, dim=0, keepdim=True) - log_b  # each sample: mass 1/B (columns are local)
+    return torch.exp(lq + log_b).t()
 
 
 @torch.no_grad()

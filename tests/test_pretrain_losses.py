@@ -1,0 +1,135 @@
+"""DINO / iBOT / KoLeo losses: known values, centering, Sinkhorn-Knopp, buffers under device moves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
+
+
+def test_dino_loss_known_value_uniform_student():
+    loss = DINOLoss(4)
+    student = [torch.zeros(3, 4), torch.zeros(3, 4)]  # uniform predictions
+    teacher = [F.one_hot(torch.tensor([0, 1, 2]), 4).float()]
+    assert loss(student, teacher).item() == pytest.approx(2 * math.log(4), rel=1e-6)
+
+
+def test_dino_loss_matches_explicit_cross_entropy():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7), torch.softmax(torch.randn(5, 7), -1)
+    expected = -(t * torch.log_softmax(s / 0.1, -1)).sum(-1).mean()
+    assert DINOLoss(7)([s], [t]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_softmax_centering_uses_then_updates_center():
+    loss = DINOLoss(3, center_momentum=0.9)
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    probs = loss.softmax_center_teacher(logits, 0.5)
+    assert torch.allclose(probs, torch.softmax(logits / 0.5, -1))  # centre still zero
+    loss.update_center(logits)
+    assert torch.allclose(loss.center, 0.1 * logits.mean(0, keepdim=True))
+    probs2 = loss.softmax_center_teacher(logits, 0.5)
+    assert torch.allclose(probs2, torch.softmax((logits - loss.center) / 0.5, -1))
+
+
+def test_sinkhorn_knopp_is_doubly_stochastic():
+    torch.manual_seed(0)
+    b, k = 32, 8
+    logits = torch.randn(b, k) * 3 + torch.arange(k) * 2.0  # strongly unbalanced prototypes
+    q = sinkhorn_knopp(logits, teacher_temp=1.0, n_iterations=100)
+    assert q.shape == (b, k)
+    assert torch.allclose(q.sum(1), torch.ones(b), atol=1e-5)  # each sample is a distribution
+    assert torch.allclose(q.sum(0), torch.full((k,), b / k), rtol=1e-3)  # each prototype gets equal mass
+    # Three iterations (the DINOv2 setting) already balance far better than a plain softmax.
+    q3 = sinkhorn_knopp(logits, 1.0, 3)
+    soft = torch.softmax(logits, -1)
+    assert (q3.sum(0) - b / k).abs().max() < 0.5 * (soft.sum(0) - b / k).abs().max()
+
+
+def test_sinkhorn_knopp_survives_large_logits():
+    q = sinkhorn_knopp(torch.tensor([[100.0, -100.0], [50.0, 0.0]]), teacher_temp=0.04)
+    assert torch.isfinite(q).all()
+    assert torch.allclose(q.sum(1), torch.ones(2))
+
+
+def test_ibot_loss_weights_each_masked_image_once():
+    k = 6
+    loss = IBOTPatchLoss(k)
+    # Image 0 has 3 masked tokens, image 1 has 1; 4 global-crop images in all.
+    weights = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])
+    student = torch.zeros(4, k)  # uniform -> every token's cross-entropy is log k
+    teacher = F.one_hot(torch.tensor([0, 1, 2, 3]), k).float()
+    value = loss.forward_masked(student, teacher, weights, n_images=4)
+    assert value.item() == pytest.approx(math.log(k) * 2 / 4, rel=1e-6)
+    assert loss.forward_masked(student[:0], teacher[:0], weights[:0], 4).item() == 0.0
+
+
+def test_koleo_known_value_and_small_batch_error():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert KoLeoLoss()(x).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        KoLeoLoss()(torch.randn(1, 4))
+
+
+def test_koleo_is_scale_invariant_and_finite_in_bf16():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    k = KoLeoLoss()
+    assert k(x).item() == pytest.approx(k(10 * x).item(), rel=1e-5)
+    assert torch.isfinite(k(x.bfloat16()))
+
+
+@pytest.mark.parametrize("cls", [DINOLoss, IBOTPatchLoss])
+def test_center_buffer_is_owned_once_and_round_trips(cls):
+    loss = cls(5)
+    assert [n for n, _ in loss.named_buffers()] == ["center"]
+    loss.update_center(torch.randn(4, 5))
+    other = cls(5)
+    other.load_state_dict(loss.state_dict())
+    assert torch.equal(other.center, loss.center)
+
+
+@pytest.mark.parametrize("cls", [DINOLoss, IBOTPatchLoss])
+def test_center_moves_with_to_and_updates_in_place(cls):
+    loss = cls(5)
+    loss.to(torch.float64)
+    assert loss.center.dtype == torch.float64
+    loss.update_center(torch.ones(2, 5, dtype=torch.float64))
+    assert loss.state_dict()["center"].dtype == torch.float64
+    assert torch.allclose(loss.state_dict()["center"], torch.full((1, 5), 0.1, dtype=torch.float64))
+    loss.to("meta")
+    assert loss.center.device.type == "meta" and loss.state_dict()["center"].device.type == "meta"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [DINOLoss, IBOTPatchLoss])
+def test_center_on_cuda_after_to(cls):
+    loss = cls(5).cuda()
+    logits = torch.randn(4, 5, device="cuda")
+    probs = loss.softmax_center_teacher(logits, 0.07)
+    loss.update_center(logits)
+    assert probs.device.type == "cuda" and loss.state_dict()["center"].device.type == "cuda"
+    assert loss.center.abs().sum() > 0
+
+
+def _official_sinkhorn(t, temp, n_iter):
+    # The plain-domain iteration of DINOv2's `sinkhorn_knopp_teacher` (one process).
+    q = torch.exp(t / temp).t()
+    b, k = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(n_iter):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+def test_sinkhorn_knopp_matches_plain_iteration_where_that_is_finite():
+    torch.manual_seed(1)
+    t = torch.randn(20, 12)
+    assert torch.allclose(sinkhorn_knopp(t, 0.5, 3), _official_sinkhorn(t, 0.5, 3), atol=1e-5)

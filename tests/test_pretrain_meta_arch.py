@@ -1,0 +1,108 @@
+"""Student/teacher meta-architecture: independence of the teacher, EMA, gradients, losses on a tiny ViT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.masking import MaskingGenerator, collate_crops
+from pretrain.meta_arch import SSLMetaArch
+from pretrain.models.vit import build_vit
+
+
+def _meta(**kw):
+    torch.manual_seed(0)
+    bb = build_vit("vit_tiny", patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1)
+    return SSLMetaArch(bb, dino_prototypes=40, ibot_prototypes=30, head_hidden_dim=32, head_bottleneck_dim=16, **kw)
+
+
+def _batch(n=4, n_local=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples = [{"global_crops": [torch.randn(3, 16, 16, generator=g) for _ in range(2)],
+                "local_crops": [torch.randn(3, 8, 8, generator=g) for _ in range(n_local)]} for _ in range(n)]
+    return collate_crops(samples, n_tokens=16, mask_generator=MaskingGenerator((4, 4), max_num_patches=8),
+                         rng=np.random.default_rng(seed))
+
+
+def test_teacher_is_an_independent_copy_without_grads():
+    meta = _meta()
+    s_params = dict(meta.student.named_parameters())
+    t_params = dict(meta.teacher.named_parameters())
+    assert s_params.keys() == t_params.keys()
+    assert meta.teacher is not meta.student
+    assert meta.teacher["backbone"] is not meta.student["backbone"]
+    assert not ({p.data_ptr() for p in s_params.values()} & {p.data_ptr() for p in t_params.values()})
+    assert all(torch.equal(s_params[k], t_params[k]) for k in s_params)  # starts equal
+    assert not any(p.requires_grad for p in t_params.values())
+    meta.train()
+    assert meta.student.training and not meta.teacher.training
+
+
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_forward_backward_reaches_student_only(separate, centering):
+    meta = _meta(ibot_separate_head=separate, centering=centering)
+    loss, metrics = meta(_batch(), teacher_temp=0.04)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    for k in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "teacher_entropy",
+              "teacher_student_kl"):
+        assert torch.isfinite(metrics[k]), k
+    assert metrics["ibot_loss"] > 0
+    loss.backward()
+    assert all(p.grad is None for p in meta.teacher.parameters())
+    assert meta.student["backbone"].mask_token.grad is not None  # iBOT reaches the mask token
+    assert all(p.grad is not None for n, p in meta.student.named_parameters()), "a student parameter got no grad"
+
+
+def test_total_loss_is_the_weighted_sum_of_parts():
+    meta = _meta(dino_weight=1.0, ibot_weight=0.5, koleo_weight=0.1)
+    loss, m = meta(_batch(), teacher_temp=0.04)
+    expected = m["dino_local_crops_loss"] + m["dino_global_crops_loss"] + 0.5 * m["ibot_loss"] + 0.1 * m["koleo_loss"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ibot_off_needs_no_masks():
+    meta = _meta(ibot_weight=0.0)
+    batch = _batch()
+    batch.pop("masks"), batch.pop("mask_indices"), batch.pop("masks_weight")
+    loss, m = meta(batch, teacher_temp=0.04)
+    assert m["ibot_loss"].item() == 0.0 and torch.isfinite(loss)
+
+
+def test_centers_update_with_softmax_centering_only():
+    meta = _meta()
+    meta(_batch(), teacher_temp=0.04)
+    assert meta.dino_loss.center.abs().sum() > 0 and meta.ibot_loss.center.abs().sum() > 0
+    sk = _meta(centering="sinkhorn_knopp")
+    sk(_batch(), teacher_temp=0.04)
+    assert sk.dino_loss.center.abs().sum() == 0
+
+
+def test_ema_update():
+    meta = _meta()
+    with torch.no_grad():
+        for p in meta.student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in meta.teacher.parameters()]
+    meta.update_teacher(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, meta.teacher.parameters()))
+    meta.update_teacher(0.75)
+    for b, t, s in zip(before, meta.teacher.parameters(), meta.student.parameters()):
+        assert torch.allclose(t, 0.75 * b + 0.25 * s, atol=1e-6)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    meta = _meta()
+    opt = torch.optim.AdamW(meta.student.parameters(), lr=1e-3)
+    batch = _batch()
+    torch.manual_seed(1)
+    first = None
+    for _ in range(15):
+        loss, _ = meta(batch, teacher_temp=0.04)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        meta.update_teacher(0.9)
+        first = first if first is not None else loss.item()
+    assert loss.item() < first

@@ -1,0 +1,161 @@
+"""The trainer: kill-and-resume reproduces the uninterrupted run bitwise (CPU, one process), FSDP2 under
+torchrun with 2 CPU processes, resume on another process count, NaN handling, configs, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lvdflow.errors import UserError
+from pretrain.config import TrainConfig, load_config, profile_path
+from pretrain.meta_arch import SSLMetaArch, TrainingDiverged
+from pretrain.metrics_log import read_metrics
+from pretrain.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_helpers import ListStream, tiny_config, toy_images  # noqa: E402
+
+LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingStream(ListStream):
+    """Dies (like a killed process) once `crash_after` samples have been drawn."""
+
+    def __init__(self, images, crash_after: int, **kw):
+        super().__init__(images, **kw)
+        self.crash_after = crash_after
+        self.drawn = 0
+
+    def __iter__(self):
+        for x in super().__iter__():
+            self.drawn += 1
+            if self.drawn > self.crash_after:
+                raise Crash("killed")
+            yield x
+
+
+def _losses(out: Path) -> list[tuple]:
+    return [(r["iteration"],) + tuple(r[k] for k in LOSS_KEYS) for r in read_metrics(out / "metrics.jsonl")
+            if "total_loss" in r]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+    images = toy_images(20)  # not a multiple of the batch: an epoch ends mid-batch
+    cfg = tiny_config(total_iters=7, checkpoint_every=3)
+    full = train(cfg, tmp_path / "full", dataset=ListStream(images))
+    # Killed during iteration 5 (after the checkpoint at 3): resumes from 3 and redoes 3, 4, ...
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "killed", dataset=CrashingStream(images, crash_after=5 * cfg.batch_size_per_rank + 1))
+    resumed = train(cfg, tmp_path / "killed", dataset=ListStream(images))
+    assert resumed["resumed_from"] == 3
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert [r[0] for r in a] == list(range(7)) and a == b  # exact float equality, every iteration
+    ta = torch.load(tmp_path / "full" / "teacher" / "teacher_official.pth")
+    tb = torch.load(tmp_path / "killed" / "teacher" / "teacher_official.pth")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert full["last"]["total_loss"] == resumed["last"]["total_loss"]
+
+
+def test_outputs_exports_and_metrics(tmp_path):
+    from pretrain.models.checkpoint import load_backbone
+
+    s = train(tiny_config(total_iters=4, export_every=2), tmp_path, dataset=ListStream(toy_images(12)))
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "exports" / "it_00000002" / "teacher_official.pth").is_file()
+    full = torch.load(tmp_path / "teacher" / "teacher_checkpoint.pth")
+    assert any(k.startswith("dino_head.last_layer") for k in full["teacher"])  # heads kept for distillation
+    model = load_backbone(s["teacher"])
+    official = load_backbone(tmp_path / "teacher" / "teacher_official.pth", num_heads=2)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(model.forward_features(x)["x_norm_clstoken"], official.forward_features(x)["x_norm_clstoken"])
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"teacher_entropy", "teacher_student_kl", "lr", "momentum", "teacher_temp"} <= set(rows[-1])
+
+
+def test_nan_loss_stops_with_the_iteration_named(tmp_path, monkeypatch):
+    real = SSLMetaArch.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch, teacher_temp):
+        loss, m = real(self, batch, teacher_temp)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            loss = loss * float("nan")
+            m["total_loss"] = loss.detach()
+        return loss, m
+
+    monkeypatch.setattr(SSLMetaArch, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="iteration 2"):
+        train(tiny_config(), tmp_path, dataset=ListStream(toy_images(12)))
+
+
+def test_high_resolution_final_phase_uses_larger_global_crops(tmp_path, monkeypatch):
+    import pretrain.train as t
+
+    sizes = []
+    real = t.BatchStream.next_batch
+
+    def spy(self, iteration, augmentation, patch_size):
+        b = real(self, iteration, augmentation, patch_size)
+        sizes.append(b["global_crops"].shape[-1])
+        return b
+
+    monkeypatch.setattr(t.BatchStream, "next_batch", spy)
+    train(tiny_config(total_iters=4, highres_iters=2, highres_global_crops_size=24, highres_local_crops_size=8),
+          tmp_path, dataset=ListStream(toy_images(12)))
+    assert sizes == [16, 16, 24, 24]
+
+
+def test_config_profiles_and_errors(tmp_path):
+    demo = load_config(profile_path("demo"))
+    assert demo.highres_iters == 0 and demo.total_iters > 0
+    p = tmp_path / "c.yaml"
+    p.write_text("total_iters: 10\nbatch_size_per_rank: 8\n")
+    cfg = load_config(p, {"seed": 3})
+    assert (cfg.total_iters, cfg.batch_size_per_rank, cfg.seed) == (10, 8, 3)
+    p.write_text("total_iter: 10\n")
+    with pytest.raises(UserError, match="total_iter"):
+        load_config(p)
+    with pytest.raises(UserError, match="multiple of patch_size"):
+        TrainConfig(global_crops_size=100, patch_size=14).validate()
+    with pytest.raises(UserError, match="KoLeo"):
+        TrainConfig(batch_size_per_rank=1).validate()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_then_resume_in_one(tmp_path):
+    """torchrun, 2 processes, gloo: the student is sharded, training runs, and its DCP checkpoint resumes
+    in a single process (a different world size)."""
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    worker = Path(__file__).with_name("pretrain_torchrun_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", str(_free_port()), str(worker), str(out), "3"],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "worker.json").read_text())
+    assert s["world_size"] == 2 and s["iterations_done"] == 3
+    assert s["student_params_local"] < 0.6 * s["student_params_total"]  # about half per rank
+    assert {"__0_0.distcp", "__1_0.distcp", "rank_0.pt", "rank_1.pt"} <= {p.name for p in (out / "checkpoints" / "it_00000003").iterdir()}
+    resumed = train(tiny_config(), out, dataset=ListStream(toy_images(32)[::2]))
+    assert resumed["resumed_from"] == 3 and resumed["world_size"] == 1
+    assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if "total_loss" in r] == list(range(6))
