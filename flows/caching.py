@@ -24,6 +24,8 @@ CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
     "ingest": "1",
     "embed": "1",
+    "retrieve": "1",
+    "shard": "1",
 }
 
 # Files above this size are fingerprinted by (size, mtime) instead of hashed: a multi-GB tar shard is

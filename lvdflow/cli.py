@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "lvdflow.commands.demo_data",
     "lvdflow.commands.ingest",
     "lvdflow.commands.embed",
+    "lvdflow.commands.retrieve",
+    "lvdflow.commands.shard",
 ]
 
 

@@ -266,3 +266,41 @@ def test_checksum_mismatch_names_shard_and_sample(shard_dir):
     assert len(keys) == 39 and victim.name.split(".")[0] not in keys
     assert ds.errors[0]["shard"] == "000001.tar" and ds.errors[0]["key"] == victim.name.split(".")[0]
     assert "sha256" in ds.errors[0]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_retrieve_and_shard_flows_cache_and_chain(tmp_path):
+    """retrieve -> shard under Prefect: outputs chain, a rerun is a cache hit, the reader streams the result."""
+    from _retrieval_data import blob_vectors, write_embeddings
+    from flows.retrieve import retrieve_flow
+    from flows.shard import shard_flow
+    from tests.prefect_helpers import task_states
+
+    rng = np.random.default_rng(5)
+    table = write_images(tmp_path / "img", 60, rng)
+    write_manifest(table, tmp_path / "ingest" / "manifest.parquet")
+    centers = np.eye(16)[:2]
+    vecs, blob = blob_vectors(rng, centers, [30, 30])
+    write_embeddings(tmp_path / "pool", table["id"].to_pylist(), vecs)
+    q, _ = blob_vectors(rng, centers, [0, 6])
+    write_embeddings(tmp_path / "qset", [f"q{i}" for i in range(6)], q)
+
+    def run(flow, **kw):
+        state = flow(return_state=True, **kw)
+        assert state.is_completed(), state
+        return state.result(), task_states(state.state_details.flow_run_id)
+
+    kw = dict(pool_embeddings=str(tmp_path / "pool"), query_embeddings=[str(tmp_path / "qset")],
+              pool_manifest=str(tmp_path / "ingest"), out=str(tmp_path / "ret"), params={"n_clusters": 2})
+    r1, s1 = run(retrieve_flow, **kw)
+    assert s1["retrieve"] == "Completed" and r1["counts"]["retrieved"] == 30
+    _, s2 = run(retrieve_flow, **kw)
+    assert s2["retrieve"] == "Cached"
+    m1, t1 = run(shard_flow, source=r1["dir"], out=str(tmp_path / "wds"), max_count=8)
+    assert t1["shard"] == "Completed" and m1["counts"]["samples"] == 30 and m1["counts"]["shards"] == 4
+    _, t2 = run(shard_flow, source=r1["dir"], out=str(tmp_path / "wds"), max_count=8)
+    assert t2["shard"] == "Cached"
+    keys = {s["key"] for s in ShardDataset(tmp_path / "wds", decode="bytes")}
+    ids = table["id"].to_pylist()
+    assert {blob[ids.index(k)] for k in keys} == {1} and len(keys) == 30

@@ -1,0 +1,30 @@
+"""Prefect flow for the shard stage (curated images as WebDataset tar shards)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+from flows.caching import run_stage, stage_cache_key
+from flows.reporting import stage_table
+from shards.writer import run_shard
+
+
+@task(name="shard", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+def shard_task(source: str, out: str, max_count: int = 10_000, max_bytes: int = 1 << 30, workers: int = 1) -> dict:
+    # A retry (or a rerun after a crash) skips the shards already complete in <out>.partial.
+    log = get_run_logger()
+    return run_shard(source, out, max_count=max_count, max_bytes=max_bytes, workers=workers,
+                     progress=lambda n: log.info("shard: %d shards done", n) if n % 10 == 0 else None)
+
+
+@flow(name="shard", log_prints=True)
+def shard_flow(source: str, out: str, max_count: int = 10_000, max_bytes: int = 1 << 30, workers: int = 1,
+               refresh: list[str] | None = None) -> dict:
+    """Write a retrieve output (or an ingest manifest) as WebDataset shards with parquet indexes."""
+    result = run_stage(shard_task, out=out, refresh=refresh, source=str(source), max_count=max_count,
+                       max_bytes=max_bytes, workers=workers)
+    c = result["counts"]
+    get_run_logger().info("shard: %d samples in %d shards (%d reused), %d errors %s", c["samples"], c["shards"],
+                          c["shards_skipped"], c["errors"], result.get("error_reasons", {}))
+    stage_table("shard", result, extra={f"error: {k}": v for k, v in result.get("error_reasons", {}).items()})
+    return result

@@ -1,0 +1,41 @@
+"""`lvdflow shard`: write curated images as WebDataset tar shards for training."""
+
+from __future__ import annotations
+
+import argparse
+
+from lvdflow.commands._common import existing_path, output_dir, print_result
+
+NAME = "shard"
+HELP = ("Write the images of a retrieve output (or an ingest manifest) as WebDataset shards OUT/{shard:06d}.tar "
+        "with their original bytes and a json per sample, a parquet index per shard and for the dataset, "
+        "errors.parquet and stats.json. A rerun skips shards that are already complete.")
+
+
+def _count(value: str) -> int:
+    n = int(float(value))
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="retrieve output (retrieved.parquet), ingest output (manifest.parquet) or a parquet file")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
+    p.add_argument("--max-count", type=_count, default=10_000, help="samples per shard (default: %(default)s)")
+    p.add_argument("--max-bytes", type=_count, default=1 << 30, help="bytes per shard, e.g. 1e9 (default: %(default)s)")
+    p.add_argument("--workers", type=_count, default=1, help="shards written in parallel (default: %(default)s)")
+    p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from shards.writer import read_input_table
+
+    source = existing_path(args.source, "source")
+    read_input_table(source)  # a folder without a manifest fails here, in one line
+    out = output_dir(args.out)
+    from flows.shard import shard_flow
+
+    print_result(shard_flow(source=str(source), out=str(out), max_count=args.max_count, max_bytes=args.max_bytes,
+                            workers=args.workers, refresh=["shard"] if args.refresh else None))
+    return 0
