@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import multiprocessing
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from curation.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from curation.sources import Item, iter_source
 from lvdflow.errors import UserError
-from lvdflow.stage import file_digest, publish, work_dir
+from lvdflow.stage import file_digest, publish, work_dir, write_json_atomic
 
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine.parquet"
@@ -146,27 +147,22 @@ def _batches(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield batch
 
 
-class _ParquetSink:
-    """Streams rows into a parquet file in row groups; writes an empty file with the schema if no rows."""
+def _write_parquet_atomic(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    os.replace(tmp, path)
 
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.schema, self.rows, self.count = path, schema, [], 0
-        self.writer = pq.ParquetWriter(path, schema)
 
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= 8192:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.count += len(self.rows)
-            self.rows = []
-
-    def close(self) -> None:
-        self.flush()
-        self.writer.close()
+def _concat_parts(parts: list[Path], schema: pa.Schema, dest: Path) -> int:
+    """Stream the per-batch parts into one parquet file (one row group per part); returns the row count."""
+    n = 0
+    with pq.ParquetWriter(dest, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part, schema=schema)
+            if table.num_rows:
+                writer.write_table(table)
+                n += table.num_rows
+    return n
 
 
 def run_ingest(
@@ -176,11 +172,15 @@ def run_ingest(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = 16,
+    batch_size: int = BATCH,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Ingest `sources` into `out`/manifest.parquet and `out`/quarantine.parquet; returns the stage manifest.
 
     `workers=0` validates in this process (for debugging); default: one process per CPU.
+    Resumable: each batch of inputs is written as a part file in `<out>.partial/parts/`, and a rerun of the
+    same job after a crash (kill -9 included) skips the batches already written. The inputs are enumerated
+    in a fixed order, so batch i is the same set of inputs in every run.
     """
     if not sources:
         raise UserError("no sources given")
@@ -189,47 +189,74 @@ def run_ingest(
         if not p.exists():
             raise UserError(f"source does not exist: {p}")
     out = Path(out)
-    work = work_dir(out, fresh=True)
+    job = {"sources": [str(p.resolve()) for p in paths], "max_pixels": max_pixels, "min_side": min_side,
+           "batch": batch_size}
+    work = work_dir(out)
+    if _read_json(work / "job.json") != job:  # another job's leftovers: start afresh
+        work = work_dir(out, fresh=True)
+        write_json_atomic(work / "job.json", job)
+    parts = work / "parts"
+    parts.mkdir(exist_ok=True)
+
     stats: dict[str, int] = {}
     items = itertools.chain.from_iterable(iter_source(p, stats) for p in paths)
-
-    good = _ParquetSink(work / MANIFEST, MANIFEST_SCHEMA)
-    bad = _ParquetSink(work / QUARANTINE, QUARANTINE_SCHEMA)
     reasons: dict[str, int] = {}
     seen_ids: set[str] = set()
-    n_workers = (os.cpu_count() or 1) if workers is None else workers
-    pool = _Pool(n_workers)
-    done = 0
+    good_parts, bad_parts = [], []
+    pool = _Pool((os.cpu_count() or 1) if workers is None else workers)
+    done = resumed = 0
     try:
-        for batch in _batches(items, BATCH):
-            for status, row in pool.check([(item, max_pixels, min_side) for item in batch]):
-                if status == "ok" and row["id"] in seen_ids:  # the same uri reached through two sources
-                    status, row = "bad", {k: row[k] for k in ("uri", "source", "member", "relpath")}
-                    row.update(reason="duplicate-entry", detail="the same file was given twice")
-                if status == "ok":
-                    seen_ids.add(row["id"])
-                    good.add(row)
-                else:
-                    reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
-                    bad.add(row)
+        for i, batch in enumerate(_batches(items, batch_size)):
+            good_part, bad_part = parts / f"manifest-{i:06d}.parquet", parts / f"quarantine-{i:06d}.parquet"
+            good_parts.append(good_part)
+            bad_parts.append(bad_part)
+            if good_part.is_file() and bad_part.is_file():  # written by an earlier, interrupted run
+                seen_ids.update(pq.read_table(good_part, columns=["id"]).column("id").to_pylist())
+                for r in pq.read_table(bad_part, columns=["reason"]).column("reason").to_pylist():
+                    reasons[r] = reasons.get(r, 0) + 1
+                resumed += len(batch)
+            else:
+                good, bad = [], []
+                for status, row in pool.check([(item, max_pixels, min_side) for item in batch]):
+                    if status == "ok" and row["id"] in seen_ids:  # the same uri reached through two sources
+                        status, row = "bad", {k: row[k] for k in ("uri", "source", "member", "relpath")}
+                        row.update(reason="duplicate-entry", detail="the same file was given twice")
+                    if status == "ok":
+                        seen_ids.add(row["id"])
+                        good.append(row)
+                    else:
+                        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+                        bad.append(row)
+                _write_parquet_atomic(bad, QUARANTINE_SCHEMA, bad_part)
+                _write_parquet_atomic(good, MANIFEST_SCHEMA, good_part)  # last: marks the batch complete
             done += len(batch)
             if progress:
                 progress(done)
     finally:
         pool.close()
-        good.close()
-        bad.close()
 
+    n_good = _concat_parts(good_parts, MANIFEST_SCHEMA, work / MANIFEST)
+    n_bad = _concat_parts(bad_parts, QUARANTINE_SCHEMA, work / QUARANTINE)
+    shutil.rmtree(parts)
+    (work / "job.json").unlink()
     manifest = {
         "stage": "ingest",
-        "sources": [str(p.resolve()) for p in paths],
+        "sources": job["sources"],
         "params": {"max_pixels": max_pixels, "min_side": min_side},
-        "counts": {"inputs": done, "images": good.count, "quarantined": bad.count, **stats},
+        "counts": {"inputs": done, "images": n_good, "quarantined": n_bad, **stats},
         "quarantine_reasons": dict(sorted(reasons.items())),
+        "resumed_inputs": resumed,
         "outputs": {"manifest": MANIFEST, "quarantine": QUARANTINE},
         "digest": file_digest(work / MANIFEST),
     }
     return publish(work, out, manifest)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def read_manifest_table(path: str | os.PathLike) -> pa.Table:
@@ -240,7 +267,3 @@ def read_manifest_table(path: str | os.PathLike) -> pa.Table:
     if not p.is_file():
         raise UserError(f"no ingest manifest at {path} (expected a directory holding {MANIFEST})")
     return pq.read_table(p)
-
-
-def item_fields() -> list[str]:
-    return list(asdict(Item("", "", None, "")).keys())
