@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` runs the whole local DAG, `make test` runs the tests.
 # Both create .venv and install Debian's data packages when missing, and are safe to run twice.
-.PHONY: demo test setup stop bench
+.PHONY: demo test setup stop bench ui-check
 
 setup:
 	@scripts/ensure_data_packages.sh
@@ -17,3 +17,7 @@ stop:
 
 bench: setup
 	.venv/bin/python -m bench.run_all
+
+# Check the last curate-and-pretrain run in the UI with headless Chromium; keeps docs/ui-flow-run.png.
+ui-check:
+	PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/python scripts/ui_check.py
