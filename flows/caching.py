@@ -23,6 +23,7 @@ from lvdflow.stage import is_complete, read_manifest
 CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
     "ingest": "1",
+    "dedup": "1",
     "embed": "1",
     "retrieve": "1",
     "shard": "1",

@@ -18,6 +18,7 @@ from lvdflow.errors import UserError
 COMMAND_MODULES = [
     "lvdflow.commands.demo_data",
     "lvdflow.commands.ingest",
+    "lvdflow.commands.dedup",
     "lvdflow.commands.embed",
     "lvdflow.commands.retrieve",
     "lvdflow.commands.shard",

@@ -1,0 +1,90 @@
+"""Geometric verification: are two images related by a crop/resize/rotation/flip of each other?
+
+A copy and its original share many local features *at consistent positions*: one similarity transform
+(scale, rotation, shift) maps the matched keypoints of one onto the other. Two different images, even
+two neighbouring crops of one photo or two photos of the same texture, give a few chance matches but no
+large consistent set. RANSAC counts the matches that agree with one similarity transform; the mirrored
+features of the second image are tried too, which covers horizontal flips.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from curation.dedup.local_features import LocalFeatures
+
+RATIO = 0.8  # Lowe's ratio test: keep a match only when clearly better than the second best
+RANSAC_PX = 6.0  # reprojection tolerance in working-image pixels (long edge ~448)
+MIN_SCALE, MAX_SCALE = 1 / 8, 8.0  # copies are resized at most this much relative to each other
+MIN_SPREAD = 0.06  # see _thin
+
+
+def _matches(a: LocalFeatures, b: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+    if len(a.desc) < 2 or len(b.desc) < 2:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    knn = matcher.knnMatch(a.desc, b.desc, k=2)
+    src, dst, used = [], [], set()
+    for pair in knn:
+        if len(pair) < 2:
+            continue
+        m, n = pair
+        # ratio test, and one-to-one on the target side (repeated patterns otherwise vote many times)
+        if m.distance < RATIO * n.distance and m.trainIdx not in used:
+            used.add(m.trainIdx)
+            src.append(a.xy[m.queryIdx])
+            dst.append(b.xy[m.trainIdx])
+    return np.asarray(src, np.float32).reshape(-1, 2), np.asarray(dst, np.float32).reshape(-1, 2)
+
+
+def _thin(pts: np.ndarray, size: tuple[int, int]) -> bool:
+    """True when points lie along a line or in one spot rather than over an area of the image.
+
+    An overlaid caption, a watermark or a logo is the same on unrelated images and yields many matches
+    that one transform explains, but they all lie on one line of text. A copy's matches spread over the
+    picture in both directions. The test: the smaller principal spread of the points must reach
+    MIN_SPREAD of the image's long edge.
+    """
+    if len(pts) < 3:
+        return True
+    cov = np.cov(pts.T.astype(np.float64))
+    minor = float(np.sqrt(max(np.linalg.eigvalsh(cov)[0], 0.0)))
+    return minor < MIN_SPREAD * max(size)
+
+
+def _inliers(src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> int:
+    if len(src) < 3:
+        return 0
+    model, mask = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX, maxIters=2000, confidence=0.995
+    )
+    if model is None or mask is None:
+        return 0
+    scale = float(np.hypot(model[0, 0], model[1, 0]))
+    if not (MIN_SCALE <= scale <= MAX_SCALE):
+        return 0
+    inl = mask.ravel().astype(bool)
+    if _thin(src[inl], size_a) or _thin(dst[inl], size_b):
+        return 0
+    return int(inl.sum())
+
+
+def inlier_count(a: LocalFeatures, b: LocalFeatures, mirrored_b: LocalFeatures | None = None) -> int:
+    """Largest number of RANSAC inliers between a and b, or a and b's mirror image."""
+    best = _inliers(*_matches(a, b), a.size, b.size)
+    mb = mirrored_b if mirrored_b is not None else b.mirrored()
+    if best < 64:  # a clear direct match needs no mirror test
+        best = max(best, _inliers(*_matches(a, mb), a.size, mb.size))
+    return best
+
+
+def inliers_to_score(inliers: np.ndarray | int, half: float = 8.0) -> np.ndarray:
+    """Map an inlier count to a similarity in [0, 1): n / (n + half).
+
+    This puts verified pairs on the same scale as a cosine similarity, so LVD's thresholds read
+    naturally: 0.6 (self-dedup) means at least 12 consistent matches, 0.45 (decontamination, stricter
+    removal) at least 7.
+    """
+    n = np.asarray(inliers, dtype=np.float32)
+    return n / (n + half)

@@ -1,0 +1,37 @@
+"""Prefect flow for the dedup stage (exact duplicates, copy detection, decontamination, hygiene)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from curation.dedup.stage import run_dedup
+from flows.caching import run_stage, stage_cache_key
+from flows.reporting import stage_table
+
+
+@task(name="dedup", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+def dedup_task(input: str, out: str, references: list[str] | None = None, weights: str | None = None,
+               params: dict | None = None) -> dict:
+    # Paths are separate arguments so the cache key fingerprints their contents; `params` holds the rest.
+    return run_dedup(input, out, references=references or (), weights=weights, **(params or {}))
+
+
+@flow(name="dedup", log_prints=True)
+def dedup_flow(input: str, out: str, references: list[str] | None = None, weights: str | None = None,
+               params: dict | None = None, refresh: list[str] | None = None) -> dict:
+    """Find exact duplicates and copies (kNN + threshold + components), keep one image per component,
+    drop components that copy a reference image, optionally quarantine NSFW images and record faces."""
+    result = run_stage(dedup_task, out=out, refresh=refresh, input=str(input),
+                       references=[str(r) for r in references or []] or None,
+                       weights=str(weights) if weights else None, params=dict(params or {}))
+    c = result["counts"]
+    get_run_logger().info("dedup: %d of %d images kept, %d removed", c["kept"], c["images"], c["removed"])
+    stage_table("dedup", result)
+    report = Path(result["dir"]) / "report.md"
+    if report.is_file():
+        create_markdown_artifact(key="dedup-report", markdown=report.read_text(),
+                                 description=f"dedup report (grids in {report.parent})")
+    return result

@@ -1,0 +1,81 @@
+"""`lvdflow dedup`: remove exact duplicates and copies, decontaminate against reference sets."""
+
+from __future__ import annotations
+
+import argparse
+
+from lvdflow.commands._common import existing_path, output_dir, print_result
+from lvdflow.errors import UserError
+
+NAME = "dedup"
+HELP = ("Copy-detection dedup (LVD-142M): exact duplicates, then copies found by a descriptor, faiss kNN, a "
+        "similarity threshold and connected components; one image kept per component. --reference drops "
+        "every component that copies an image of an evaluation set. Optional NSFW quarantine and face "
+        "boxes. Writes OUT/dedup.parquet and OUT/report.md with image grids.")
+
+
+def _unit(value: str) -> float:
+    x = float(value)
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return x
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="a folder of images, or an ingest output (folder with manifest.parquet)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
+    p.add_argument("--reference", nargs="+", default=[], metavar="DIR",
+                   help="evaluation/query image folders or ingest outputs: pool components holding a "
+                        "near-copy of any of their images are dropped")
+    p.add_argument("--descriptor", choices=("builtin", "sscd", "backbone"), default="builtin",
+                   help="builtin: SIFT+VLAD retrieval with geometric verification, no weights; sscd: an "
+                        "SSCD TorchScript file; backbone: a ViT checkpoint of the embedding stage")
+    p.add_argument("--weights", help="model file for --descriptor sscd/backbone")
+    p.add_argument("--threshold", type=_unit, default=0.6,
+                   help="similarity at which two pool images are copies (default: %(default)s, LVD-142M)")
+    p.add_argument("--reference-threshold", type=_unit, default=0.45,
+                   help="similarity to a reference image that drops a component (default: %(default)s, LVD-142M)")
+    p.add_argument("--k", type=_positive, default=64, help="nearest neighbours searched per image (default: %(default)s)")
+    p.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
+                   help="faiss index (auto: exact up to 200k images, IVF above)")
+    p.add_argument("--nsfw", action="store_true", help="quarantine kept images NudeNet scores as NSFW")
+    p.add_argument("--nsfw-threshold", type=_unit, default=0.6, help="NSFW score that quarantines (default: %(default)s)")
+    p.add_argument("--faces", action="store_true", help="record face boxes of kept images (column faces) for blurring")
+    p.add_argument("--face-min-size", type=_positive, default=24, help="smallest face side in pixels (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device for sscd/backbone (default: cuda if present)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--threads", type=_positive, default=None, help="decode/feature threads (default: one per CPU)")
+    p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    src = existing_path(args.input, "input")
+    refs = [existing_path(r, "reference") for r in args.reference]
+    if args.descriptor in ("sscd", "backbone"):
+        if not args.weights:
+            raise UserError(f"--descriptor {args.descriptor} needs --weights FILE")
+        existing_path(args.weights, "weights file")
+    elif args.weights:
+        raise UserError("--weights is only used with --descriptor sscd or backbone")
+    out = output_dir(args.out)
+    if out.resolve() == src.resolve() or any(out.resolve() == r.resolve() for r in refs):
+        raise UserError("--out must not be the input or a reference folder")
+    params = {
+        "descriptor": args.descriptor, "threshold": args.threshold,
+        "reference_threshold": args.reference_threshold, "k": args.k, "index": args.index, "nsfw": args.nsfw,
+        "nsfw_threshold": args.nsfw_threshold, "faces": args.faces, "face_min_size": args.face_min_size,
+        "device": args.device, "batch_size": args.batch_size, "threads": args.threads,
+    }
+    from flows.dedup import dedup_flow
+
+    print_result(dedup_flow(input=str(src), out=str(out), references=[str(r) for r in refs] or None,
+                            weights=str(args.weights) if args.weights else None, params=params,
+                            refresh=["dedup"] if args.refresh else None))
+    return 0
