@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "lvdflow.commands.embed",
     "lvdflow.commands.retrieve",
     "lvdflow.commands.shard",
+    "lvdflow.commands.pretrain",
+    "lvdflow.commands.eval",
 ]
 
 

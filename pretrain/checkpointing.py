@@ -86,8 +86,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> dict:
     """Load model + optimizer (resharded to this world size) and this rank's RNG state.
 
-    Returns {"iteration", "data" (this rank's stream position, or None when the checkpoint was written by
-    fewer processes and this rank has none), "same_world_size"}.
+    Returns {"iteration", "data" (this rank's stream position; None when the checkpoint was written by
+    another number of processes), "data_rank0" (rank 0's position, whose epoch a resized run continues
+    after), "same_world_size", "saved_world_size"}.
     """
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "state.json").read_text())
@@ -102,7 +103,13 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> dict:
     same = state["world_size"] == world_size()
     if per_rank is not None and same:
         set_rng_state(per_rank["rng"])
-    return {"iteration": int(state["iteration"]), "data": per_rank["data"] if per_rank else None,
+    rank0 = per_rank if rank() == 0 else None
+    if rank0 is None and (ckpt / "rank_0.pt").exists():
+        rank0 = torch.load(ckpt / "rank_0.pt", weights_only=False)
+    return {"iteration": int(state["iteration"]),
+            # A stream position only means something to the same rank of the same world size.
+            "data": per_rank["data"] if (per_rank and same) else None,
+            "data_rank0": rank0["data"] if rank0 else None,
             "same_world_size": same, "saved_world_size": int(state["world_size"])}
 
 

@@ -52,6 +52,33 @@ def to_pil(sample: Any) -> Image.Image:
     raise UserError(f"cannot read an image from a {type(sample).__name__} sample")
 
 
+class ShardStream:
+    """Adapter from shards.reader.ShardDataset to the stream protocol of BatchStream.
+
+    Samples are marked consumed (`record`) as they are drawn, so the position saved with a checkpoint is
+    exactly the samples that went into trained batches; at the end of an epoch the next one starts.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        for sample in self.dataset:
+            self.dataset.record(sample)
+            yield sample["image"]
+        self.dataset.set_epoch(self.dataset.epoch + 1)
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+    def start_after_epoch(self, epoch: int) -> None:
+        """Resume on another process count: positions do not translate, so start the next epoch."""
+        self.dataset.set_epoch(int(epoch) + 1)
+
+
 def batch_seed(seed: int, iteration: int, rank: int) -> int:
     # Distinct, reproducible per (seed, iteration, rank); SeedSequence mixes the three well.
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -73,6 +100,11 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)
+        self._iter = None
+
+    def start_after_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "start_after_epoch"):
+            self.dataset.start_after_epoch(epoch)
         self._iter = None
 
     def _next_sample(self):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lvdflow.errors import UserError
 from pretrain.augment import MultiCropAugmentation
 from pretrain.checkpointing import full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.config import TrainConfig
@@ -100,9 +101,14 @@ def init_distributed() -> torch.device:
 
 def open_shard_stream(shards: str | Path, cfg: TrainConfig):
     """The training sample stream for this process: shards.reader's ShardDataset, split by rank."""
+    from pretrain.data import ShardStream
     from shards.reader import ShardDataset
 
-    return ShardDataset(shards, rank=rank(), world_size=world_size(), seed=cfg.seed)
+    try:
+        ds = ShardDataset(shards, rank=rank(), world_size=world_size(), seed=cfg.seed, decode="pil")
+    except FileNotFoundError as exc:
+        raise UserError(f"cannot read training shards: {exc}") from exc
+    return ShardStream(ds)
 
 
 # ---- teacher export ----------------------------------------------------------------------------------
@@ -192,9 +198,14 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
         start = info["iteration"]
         if info["data"] is not None:
             stream.load_state_dict(info["data"])
-        elif rank() == 0:
-            print(f"resume: checkpoint written by {info['saved_world_size']} processes; data streams of the "
-                  f"new ranks start from their beginning", flush=True)
+        else:
+            saved = info["data_rank0"] or {}
+            if "epoch" in saved:
+                stream.start_after_epoch(saved["epoch"])
+            if rank() == 0:
+                print(f"resume: checkpoint written by {info['saved_world_size']} processes, now {world_size()}; "
+                      f"model, optimizer and schedules resume exactly, the data streams start the next epoch",
+                      flush=True)
     log = MetricsLog(out, start, enabled=rank() == 0)
     last_layer = [p for n, p in meta.student.named_parameters() if "last_layer" in n]
     stop = min(cfg.stop_after or cfg.total_iters, cfg.total_iters)

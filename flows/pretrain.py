@@ -1,0 +1,37 @@
+"""Prefect flow for the pretrain stage: one task that trains (in-process, or under torchrun when nproc > 1)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+from flows.caching import run_stage, stage_cache_key
+from flows.reporting import stage_table
+from pretrain.run_pretrain import run_pretrain
+
+
+@task(name="pretrain", cache_key_fn=stage_cache_key, persist_result=True)
+def pretrain_task(shards: str, out: str, config: str = "demo", overrides: dict | None = None,
+                  eval_train: str | None = None, eval_test: str | None = None, nproc: int = 1) -> dict:
+    # No task retries: a failed run resumes from its checkpoint when the flow is run again.
+    return run_pretrain(shards, out, config=config, overrides=overrides, eval_train=eval_train,
+                        eval_test=eval_test, nproc=nproc)
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain_flow(shards: str, out: str, config: str = "demo", overrides: dict | None = None,
+                  eval_train: str | None = None, eval_test: str | None = None, nproc: int = 1,
+                  refresh: list[str] | None = None) -> dict:
+    """DINOv2 pretraining on WebDataset shards; the teacher is exported and evaluated with kNN."""
+    manifest = run_stage(pretrain_task, out=out, refresh=refresh, shards=str(shards), config=str(config),
+                         overrides=overrides or {}, eval_train=eval_train, eval_test=eval_test, nproc=nproc)
+    extra = {}
+    for name in ("knn", "knn_random_init"):
+        for k, v in (manifest.get(name) or {}).items():
+            extra[f"{name}: {k}"] = round(v, 2)
+    for k, v in (manifest.get("final") or {}).items():
+        if v is not None:
+            extra[f"final {k}"] = round(v, 4)
+    get_run_logger().info("pretrain: %s iterations, kNN %s (random init %s)", manifest.get("counts", {}).get("iterations"),
+                          manifest.get("knn"), manifest.get("knn_random_init"))
+    stage_table("pretrain", manifest, extra)
+    return manifest
