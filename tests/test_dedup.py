@@ -1,0 +1,165 @@
+"""Dedup stage: components, keep rule, exact duplicates, planted copies, decontamination, outputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation.dedup.components import connected_components
+from curation.dedup.knn import build_index, knn_pairs
+from curation.dedup.selection import decide
+from tests.dedup_helpers import make_pool, photo, save_jpeg
+
+
+def _brute_components(n, a, b):
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for x, y in zip(a, b):
+        rx, ry = find(x), find(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    return np.array([min(i for i in range(n) if find(i) == find(j)) for j in range(n)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_components_match_a_plain_union_find(seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    a, b = rng.integers(0, n, 250), rng.integers(0, n, 250)
+    got = connected_components(n, a, b)
+    assert np.array_equal(got, _brute_components(n, a.tolist(), b.tolist()))
+    # labels are the smallest member: independent of edge order
+    perm = rng.permutation(len(a))
+    assert np.array_equal(connected_components(n, b[perm], a[perm]), got)
+
+
+def test_knn_pairs_exact_and_ivf_find_planted_neighbours():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3000, 32)).astype(np.float32)
+    copies = base[:100] + 0.05 * rng.standard_normal((100, 32)).astype(np.float32)
+    x = np.concatenate([base, copies])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for kind in ("flat", "ivf", "hnsw"):
+        idx, info = build_index(x, kind=kind)
+        i, j, s = knn_pairs(idx, x, 8, min_score=0.9, exclude_self=True)
+        pairs = set(zip(i.tolist(), j.tolist()))
+        assert all(a < b for a, b in pairs)  # each unordered pair once
+        found = sum((p, 3000 + p) in pairs for p in range(100))
+        assert found >= (100 if kind == "flat" else 95), (kind, found)
+        assert len(pairs) < 130  # random 32-d vectors are not above 0.9 of each other
+
+
+def test_keep_rule_largest_then_first_seen_and_reasons():
+    hashes = ["h0", "h1", "h2", "h1", "h4", None]
+    area = np.array([100, 400, 400, 400, 50, 0])
+    errors = [None] * 5 + ["undecodable:truncated"]
+    edges = (np.array([0, 1]), np.array([1, 2]), np.array([0.9, 0.7], np.float32))
+    d = decide(hashes, area, errors, edges)
+    # component {0,1,2,3}: 1, 2, 3 tie on area; 1 is first seen
+    assert d.keep.tolist() == [False, True, False, False, True, False]
+    assert d.component.tolist() == [0, 0, 0, 0, 4, -1]
+    assert d.reason[3] == "exact-duplicate" and d.matched[3] == 1
+    assert d.reason[0] == "near-copy" and d.matched[0] == 1 and d.score[0] == pytest.approx(0.9)
+    assert d.reason[2] == "near-copy" and d.matched[2] == 1
+    assert d.reason[5] == "undecodable:truncated"
+    assert d.group_size.tolist()[:5] == [4, 4, 4, 4, 1]
+
+
+def test_decontamination_drops_whole_component():
+    hashes = ["a", "b", "c", "d"]
+    area = np.ones(4)
+    edges = (np.array([0]), np.array([1]), np.array([0.8], np.float32))
+    hits = (np.array([1]), np.array([0]), np.array([0.5], np.float32))
+    d = decide(hashes, area, [None] * 4, edges, hits)
+    assert d.keep.tolist() == [False, False, True, True]
+    assert d.reason[0] == d.reason[1] == "reference-copy"
+    assert d.matched[0] == 0 and d.matched[1] == 0
+
+
+@pytest.fixture(scope="module")
+def pool_result(tmp_path_factory):
+    from curation.dedup.stage import run_dedup
+
+    tmp = tmp_path_factory.mktemp("dedup")
+    fam = make_pool(tmp / "pool")
+    (tmp / "pool" / "readme.txt").write_text("not an image")
+    (tmp / "pool" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    ref = tmp / "ref"
+    ref.mkdir()
+    save_jpeg(photo("coffee").rotate(4).resize((150, 100)), ref / "coffee_eval.jpg")
+    m = run_dedup(tmp / "pool", tmp / "out", references=[ref], threads=2)
+    rows = {r["path"]: r for r in pq.read_table(tmp / "out" / "dedup.parquet").to_pylist()}
+    return tmp, fam, m, rows
+
+
+def test_planted_copies_are_found_and_one_kept_per_family(pool_result):
+    tmp, fam, m, rows = pool_result
+    assert set(rows) == set(fam) | {"broken.jpg"}  # the .txt is not part of the pool
+    assert rows["broken.jpg"]["reason"].startswith("undecodable") and not rows["broken.jpg"]["keep"]
+    for a, b in itertools.combinations(fam, 2):
+        same = rows[a]["component"] == rows[b]["component"]
+        assert same == (fam[a] == fam[b]), (a, b)
+    assert rows["astro_again.png"]["reason"] == "exact-duplicate"
+    assert rows["astro_again.png"]["matched"] == "astro.png"
+    for name in ("astro_small.jpg", "astro_cropflip.jpg", "cat_gray_rot.jpg"):
+        assert rows[name]["reason"] == "near-copy" and not rows[name]["keep"]
+        assert rows[name]["matched"] in ("astro.png", "cat.png")
+        assert rows[name]["score"] >= 0.6
+    assert rows["astro.png"]["keep"] and rows["cat.png"]["keep"]  # largest, then first seen
+    for name in ("rocket.png", "noise0.png", "noise1.png"):
+        assert rows[name]["keep"] and rows[name]["reason"] is None
+
+
+def test_reference_copy_drops_its_component(pool_result):
+    tmp, fam, m, rows = pool_result
+    assert rows["coffee.png"]["keep"] is False
+    assert rows["coffee.png"]["reason"] == "reference-copy"
+    assert rows["coffee.png"]["matched"].endswith("coffee_eval.jpg")
+    assert m["counts"]["reference_images"] == 1 and m["counts"]["reference_hits"] >= 1
+
+
+def test_outputs_report_and_manifest(pool_result):
+    tmp, fam, m, rows = pool_result
+    out = tmp / "out"
+    assert (out / "_SUCCESS").is_file()
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["counts"]["kept"] == sum(r["keep"] for r in rows.values())
+    assert stage["digest"]
+    report = (out / "report.md").read_text()
+    assert "astro.png" in report and "coffee_eval.jpg" in report
+    from PIL import Image
+
+    grid = Image.open(out / "largest_groups.png")
+    assert grid.height == 128 * 2  # two duplicate groups (astro, cat)
+    assert not (tmp / "out.partial").exists()
+
+
+def test_rerun_is_deterministic(pool_result, tmp_path):
+    from curation.dedup.stage import run_dedup
+
+    tmp, fam, m, rows = pool_result
+    m2 = run_dedup(tmp / "pool", tmp_path / "again", references=[tmp / "ref"], threads=1)
+    assert m2["digest"] == m["digest"]
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    from curation.dedup.stage import run_dedup
+    from lvdflow.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        run_dedup(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        run_dedup(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(UserError, match="unknown descriptor"):
+        make = __import__("curation.dedup.descriptors", fromlist=["make_descriptor"]).make_descriptor
+        make("phash")
