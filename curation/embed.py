@@ -69,6 +69,7 @@ def build_embedder(
     num_heads: int | None = None,
     allow_random_init: bool = False,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> VisionTransformer:
     """The backbone to embed with: loaded from `weights`, or (only when explicitly allowed) random."""
     if weights is not None:
@@ -83,9 +84,28 @@ def build_embedder(
     if num_heads:
         kw["num_heads"] = num_heads
     try:
-        return build_vit(arch, **kw).eval()
+        with torch.device(device):  # initialised where it runs: a CPU init of ViT-H's 630M weights is slow
+            return build_vit(arch, **kw).eval()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def prepare_for_inference(model: VisionTransformer, device: torch.device, compile: bool) -> VisionTransformer:
+    """Eval mode on `device`; with `compile`, each transformer block compiled (regional compilation: the
+    identical blocks share one graph, so compiling ViT-H costs one block's compile, not 32)."""
+    model = model.to(device).eval()
+    if compile:
+        for blk in model.blocks:
+            blk.compile()
+    return model
+
+
+def embed_batch(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Normalised images -> float32 CLS embeddings; bf16 autocast on CUDA, float32 elsewhere (a model already
+    cast to bf16 and given bf16 input runs as it is)."""
+    autocast = x.device.type == "cuda" and x.dtype == torch.float32
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return model.forward_features(x)["x_norm_clstoken"].float()
 
 
 def _shard_batches(shards: list[int], n: int, shard_size: int, batch_size: int) -> Iterator[list[int]]:
@@ -102,18 +122,13 @@ class _Embedder:
     def __init__(self, model: VisionTransformer, device: torch.device, compile: bool) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.model = model.to(device).eval()
-        if compile:
-            for blk in self.model.blocks:
-                blk.compile()  # regional: the 32 identical blocks share one compiled graph
+        self.model = prepare_for_inference(model, device, compile)
         self.normalise = normalise_batch()
         self.pending: tuple[Any, ...] | None = None
 
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalise(images.to(self.device, non_blocking=True))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-            return self.model.forward_features(x)["x_norm_clstoken"].float()
+        return embed_batch(self.model, self.normalise(images.to(self.device, non_blocking=True)))
 
     def submit(self, item: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
         """item: (indices, images, reasons) or None to flush. Returns (indices, vectors, reasons) or None."""
@@ -121,20 +136,18 @@ class _Embedder:
         if item is not None:
             idx, images, reasons = item
             feats = self._forward(images)
-            if self.cuda:
-                host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-                host.copy_(feats, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
-                new = (idx, host, reasons, ev)
-            else:
-                new = (idx, feats, reasons, None)
+            if not self.cuda:  # nothing runs asynchronously on CPU: no lag
+                return idx, feats.numpy(), reasons
+            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            host.copy_(feats, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            new = (idx, host, reasons, ev)
         else:
             new = None
         if self.pending is not None:
             idx, vec, reasons, ev = self.pending
-            if ev is not None:
-                ev.synchronize()
+            ev.synchronize()
             done = (idx, vec.numpy(), reasons)
         self.pending = new
         return done
@@ -223,7 +236,7 @@ def run_embed(
         raise UserError(f"weights file not found: {weights}")
     dev = resolve_device(device)
     model = build_embedder(weights_path, arch=arch, patch_size=patch_size, img_size=img_size,
-                           num_heads=num_heads, allow_random_init=allow_random_init, seed=seed)  # fmt: skip
+                           num_heads=num_heads, allow_random_init=allow_random_init, seed=seed, device=dev)  # fmt: skip
     if img_size % model.patch_size:
         raise UserError(f"img_size {img_size} is not a multiple of the model's patch size {model.patch_size}")
     model_cfg = model.config.to_dict()

@@ -25,12 +25,17 @@ def resize_size(crop: int) -> int:
 
 
 def eval_transform_uint8(crop: int) -> v2.Compose:
-    """PIL RGB image -> uint8 tensor (3, crop, crop)."""
+    """PIL RGB image -> uint8 tensor (3, crop, crop).
+
+    The image becomes a tensor first: torchvision's antialiased bicubic resize of uint8 tensors has a SIMD
+    path about 4x faster than PIL's resize here (2.6 vs 11.6 ms for 500x375 -> 341x256 on one core), and
+    decode workers are what bounds end-to-end throughput on a GPU.
+    """
     return v2.Compose(
         [
+            v2.PILToTensor(),
             v2.Resize(resize_size(crop), interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(crop),
-            v2.PILToTensor(),
         ]
     )
 
