@@ -20,3 +20,31 @@ def task_states(flow_run_id) -> dict[str, str]:
         # subflow calls appear as task runs too (dummy tasks); keep real stage tasks only
         return {t.name.rsplit("-", 1)[0]: t.state.name for t in trs if t.task_key and not t.name.startswith(
             tuple(("demo-data-flow", "ingest-flow")))}
+
+
+def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = None, timeout: int = 600):
+    """Create the work pool, deploy prefect.yaml, run `curate-and-pretrain/local` on tiny demo data through a
+    `--run-once` process worker; returns the finished flow run (read back from the API)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env or {}), "PREFECT_API_URL": api_url}
+
+    def prefect(*args, t=300):
+        r = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=root, capture_output=True,
+                           text=True, timeout=t)
+        assert r.returncode == 0, f"prefect {' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+
+    prefect("work-pool", "create", "lvdflow-local", "--type", "process", "--overwrite")
+    prefect("deploy", "--all", "--no-prompt")
+    r = prefect("deployment", "run", "curate-and-pretrain/local", "--param", f"run_dir={run_dir}",
+                "--param", "demo_size=tiny", "--param", "workers=1")
+    run_id = next(line.split("UUID:")[1].strip() for line in r.stdout.splitlines() if "UUID:" in line)
+    prefect("worker", "start", "--pool", "lvdflow-local", "--run-once", t=timeout)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(run_id)
