@@ -203,6 +203,23 @@ def _read_manifest(path: Path) -> pa.Table:
     return table
 
 
+def center_embeddings(pool: np.ndarray, sets: list[QuerySet], chunk: int = 262_144) -> np.ndarray:
+    """Subtract the pool mean from pool and queries, then re-normalise (in place for the pool, by chunks).
+
+    Embeddings from a weak or untrained model share a large common component, so every query's nearest
+    neighbours are the same few "hub" images; centring removes it (SSCD recommends it for its descriptors).
+    """
+    mean = np.zeros(pool.shape[1], dtype=np.float64)
+    for s in range(0, len(pool), chunk):
+        mean += np.asarray(pool[s : s + chunk], dtype=np.float64).sum(axis=0)
+    mean = (mean / len(pool)).astype(np.float32)
+    for s in range(0, len(pool), chunk):
+        pool[s : s + chunk] = embedding_store.l2_normalise(np.asarray(pool[s : s + chunk], dtype=np.float32) - mean)
+    for qs in sets:
+        qs.vectors = embedding_store.l2_normalise(np.asarray(qs.vectors, dtype=np.float32) - mean).astype(np.float16)
+    return mean
+
+
 def default_n_clusters(n: int) -> int:
     """~100 images per cluster, at most 100k clusters (the DINOv2 count for a 1.2B pool)."""
     return int(max(1, min(100_000, n // 100)))
@@ -239,12 +256,14 @@ def run_retrieve(
     seed: int = 0,
     query_manifests: Sequence[str | os.PathLike] | None = None,
     report: bool = True,
+    center: bool = False,
 ) -> dict:
     """Retrieve pool images for the query sets and write retrieved.parquet (see module docstring).
 
     `clustering="hierarchical"` clusters the pool with hierarchical k-means (levels `hierarchical_levels`,
     finest first; default [n_clusters, n_clusters // 10]) and uses its finest level as the clusters.
     `assign_clusters` clusters the pool even when every set is sample-based, so `cluster` is filled in.
+    `center` subtracts the pool mean from pool and queries first (see `center_embeddings`).
     """
     out = Path(out)
     if mode not in MODES:
@@ -267,6 +286,8 @@ def run_retrieve(
         if s.vectors.shape[1] != pool.shape[1]:
             raise UserError(f"query set {s.name} has dimension {s.vectors.shape[1]}, the pool {pool.shape[1]}")
     manifest_table = _read_manifest(Path(pool_manifest))
+    if center:
+        center_embeddings(pool, sets)
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
 
     set_modes = {s.name: (mode if mode != "auto" else ("sample" if len(s.ids) >= sample_threshold else "cluster")) for s in sets}
@@ -369,7 +390,7 @@ def run_retrieve(
             "clustering": clustering, "min_queries": min_queries, "per_cluster": per_cluster,
             "per_source_cap": per_source_cap, "selection": selection, "target_size": target_size,
             "index_spec": index.spec if index is not None else index_spec, "nprobe": nprobe,
-            "kmeans_iters": kmeans_iters, "seed": seed,
+            "kmeans_iters": kmeans_iters, "seed": seed, "center": center,
         },
         "gpu": used_gpu,
         "counts": counts,

@@ -78,8 +78,9 @@ def test_cluster_based_takes_only_clusters_with_more_than_min_queries():
 
 def test_index_choice_by_size_and_ivf_recall():
     assert knn.choose_index_spec(1000, 64) == "Flat"
-    assert knn.choose_index_spec(1_000_000, 768).startswith("IVF4096,Flat")
-    assert knn.choose_index_spec(20_000_000, 768) == "IVF16384,PQ64"
+    assert knn.choose_index_spec(1_000_000, 768) == "IVF1024,Flat"
+    assert knn.choose_index_spec(1_000_000, 768, gpu=True) == "IVF4096,Flat"
+    assert knn.choose_index_spec(20_000_000, 768, gpu=True) == "IVF16384,PQ64"
     rng = np.random.default_rng(2)
     x = l2_normalise(rng.normal(size=(8000, 32))).astype(np.float16)
     ivf = knn.build_index(x, spec="auto", flat_max=1000, nprobe=64)
@@ -197,3 +198,21 @@ def test_run_retrieve_bad_inputs_are_user_errors(pool_dir, tmp_path):
     write_manifest(pa.table({"id": ["nope"], "uri": ["u"]}), tmp_path / "m2" / "manifest.parquet")
     with pytest.raises(UserError, match="not in the pool manifest"):
         run_retrieve(tmp / "pool_emb", tmp / "q_small", tmp_path / "m2", tmp / "x", report=False)
+
+
+def test_centering_subtracts_the_pool_mean_from_pool_and_queries():
+    from curation.retrieve import QuerySet, center_embeddings
+
+    rng = np.random.default_rng(6)
+    common = np.full(16, 3.0)
+    pool = l2_normalise(common + rng.normal(size=(300, 16))).astype(np.float16)
+    raw_q = l2_normalise(common + rng.normal(size=(5, 16)))
+    qs = QuerySet("q", [f"q{i}" for i in range(5)], raw_q.astype(np.float16))
+    before = np.asarray(pool, dtype=np.float32).copy()
+    mean = center_embeddings(pool, [qs], chunk=64)  # chunked, in place
+    assert np.allclose(mean, before.mean(0), atol=1e-3)
+    assert np.allclose(np.linalg.norm(pool.astype(np.float32), axis=1), 1, atol=1e-2)
+    # The shared direction is gone: the centred pool's mean is near zero (it was ~0.9 per unit vector).
+    assert np.linalg.norm(pool.astype(np.float32).mean(0)) < 0.1 < np.linalg.norm(before.mean(0))
+    expect = l2_normalise(raw_q.astype(np.float16).astype(np.float32) - mean)
+    assert np.allclose(qs.vectors.astype(np.float32), expect, atol=1e-2)

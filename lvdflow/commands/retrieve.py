@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=_count, default=32, help="IVF lists searched per query (default: %(default)s)")
     p.add_argument("--kmeans-iters", type=_count, default=20)
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when present)")
+    p.add_argument("--center", action="store_true",
+                   help="subtract the pool mean from all embeddings first (for weak or untrained embedders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-report", action="store_true", help="skip the image-grid report")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "per_cluster": args.per_cluster, "per_source_cap": args.per_source_cap, "selection": args.selection,
         "target_size": args.target_size, "index_spec": args.index, "nprobe": args.nprobe,
         "kmeans_iters": args.kmeans_iters, "gpu": {"auto": None, "yes": True, "no": False}[args.gpu],
-        "seed": args.seed, "report": not args.no_report,
+        "seed": args.seed, "report": not args.no_report, "center": args.center,
     }
     from flows.retrieve import retrieve_flow
 
