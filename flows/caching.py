@@ -28,6 +28,7 @@ CODE_VERSION: dict[str, str] = {
     "retrieve": "1",
     "shard": "1",
     "pretrain": "1",
+    "distill": "1",
 }
 
 # Files above this size are fingerprinted by (size, mtime) instead of hashed: a multi-GB tar shard is

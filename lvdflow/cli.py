@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "lvdflow.commands.shard",
     "lvdflow.commands.pretrain",
     "lvdflow.commands.eval",
+    "lvdflow.commands.distill",
 ]
 
 
