@@ -163,9 +163,13 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     # (compile, bf16 weights): the stage's eager and compiled paths first, then an all-bf16 experiment;
     # the end-to-end run goes after the first two, so that it is measured even if time runs short.
-    variants = [(c, False, b) for b in args.gpu_batches for c in (False, True)]
-    variants += [(True, True, b) for b in args.gpu_batches]
-    for i, (compile, bf16w, batch) in enumerate(variants):
+    kinds = {"eager": (False, False), "compiled": (True, False), "bf16": (True, True)}
+    first = [kinds[k] for k in ("eager", "compiled") if k in args.gpu_variants]
+    variants = [(c, w, b) for b in args.gpu_batches for c, w in first]
+    variants += [(True, True, b) for b in args.gpu_batches if "bf16" in args.gpu_variants]
+    if args.images and len(variants) < 2:
+        variants += [None] * (2 - len(variants))  # the end-to-end run goes at index 2
+    for i, v in enumerate(variants + [None]):
         if i == 2 and args.images:
             with tempfile.TemporaryDirectory() as tmp:
                 workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -173,6 +177,9 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
                                                "cuda", workers, 10_000)  # fmt: skip
             print(json.dumps(res["end_to_end"]), flush=True)
             save()
+        if v is None:
+            continue
+        compile, bf16w, batch = v
         try:
             mo = model_only(args.arch, args.patch, args.img, batch, dev, compile, args.reps, bf16w)
             mo["mfu_vs_989_dense_bf16"] = mo["achieved_tflops"] * 1e12 / H100_BF16_DENSE_PEAK
@@ -195,6 +202,8 @@ def main() -> None:
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--batch", type=int, default=None, help="end-to-end batch (default: 16 CPU, 256 GPU)")
     ap.add_argument("--gpu-batches", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--gpu-variants", nargs="+", choices=("eager", "compiled", "bf16"),
+                    default=["eager", "compiled", "bf16"], help="model-only variants on GPU")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--images", type=int, default=None, help="end-to-end pool size (default: 96 CPU, 30000 GPU)")
     ap.add_argument("--workers", type=int, default=None)

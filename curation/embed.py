@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from curation import embedding_store as store
 from curation.decode import DEFAULT_MAX_PIXELS
-from curation.embed_data import ManifestImages, normalise_batch, worker_init
+from curation.embed_data import DeviceTransform, ManifestImages, collate, worker_init
 from curation.ingest import read_manifest_table
 from lvdflow.errors import UserError
 from lvdflow.stage import dir_digest, file_digest, publish, work_dir, write_json_atomic
@@ -119,16 +119,18 @@ class _Embedder:
     """Runs batches through the model; `submit` returns the previous batch's results (one-batch lag on
     CUDA, so the host waits for batch k's copy while the GPU already runs batch k+1)."""
 
-    def __init__(self, model: VisionTransformer, device: torch.device, compile: bool) -> None:
+    def __init__(
+        self, model: VisionTransformer, device: torch.device, compile: bool, transform: DeviceTransform
+    ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.model = prepare_for_inference(model, device, compile)
-        self.normalise = normalise_batch()
+        self.transform = transform
         self.pending: tuple[Any, ...] | None = None
 
     @torch.inference_mode()
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        return embed_batch(self.model, self.normalise(images.to(self.device, non_blocking=True)))
+    def _forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        return embed_batch(self.model, self.transform(images))
 
     def submit(self, item: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
         """item: (indices, images, reasons) or None to flush. Returns (indices, vectors, reasons) or None."""
@@ -208,6 +210,7 @@ def run_embed(
     device: str = "auto",
     shard_size: int = 50_000,
     compile: bool | None = None,
+    resize_on_device: bool | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -218,7 +221,8 @@ def run_embed(
     `weights`: a backbone checkpoint (any layout `pretrain.models.load_backbone` reads); the architecture
     comes from it. Without weights, `allow_random_init=True` builds `arch`/`patch_size` at random (seeded),
     for smoke tests only. `img_size`: the crop the images are embedded at. `compile` (default: on CUDA)
-    compiles the transformer blocks. `progress(done, total)` is called after each batch. For tests,
+    compiles the transformer blocks. `resize_on_device` (default: on CUDA) leaves only decoding to the
+    workers and resizes on the device (curation/embed_data.py). `progress(done, total)` is called after each batch. For tests,
     `stop_after_shards` returns after that many new shards without publishing (as a crash would).
     Returns the stage manifest.
     """
@@ -240,8 +244,10 @@ def run_embed(
     if img_size % model.patch_size:
         raise UserError(f"img_size {img_size} is not a multiple of the model's patch size {model.patch_size}")
     model_cfg = model.config.to_dict()
+    resize_on_device = dev.type == "cuda" if resize_on_device is None else resize_on_device
     params = {"img_size": img_size, "shard_size": shard_size, "batch_size": batch_size, "device": dev.type,
               "precision": "bf16-autocast" if dev.type == "cuda" else "fp32", "model": model_cfg,
+              "resize_on_device": resize_on_device,
               "random_init_seed": None if weights_path else seed}  # fmt: skip
     out = Path(out)
     work = _prepare_work(out, _job_identity(manifest_file, weights_path, params))
@@ -264,18 +270,21 @@ def run_embed(
         {"source": table.column("source").to_pylist(), "member": table.column("member").to_pylist()},
         crop=img_size,
         max_pixels=max_pixels,
+        resize_on_device=resize_on_device,
     )
     uris = table.column("uri").to_pylist()
     loader = DataLoader(
         dataset,
         batch_sampler=list(_shard_batches(todo, n, shard_size, batch_size)),
         num_workers=num_workers,
+        collate_fn=collate,
         pin_memory=cuda,
         worker_init_fn=worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
     )
-    embedder = _Embedder(model, dev, compile=cuda if compile is None else compile)
+    transform = DeviceTransform(img_size, dev, resize_on_device)
+    embedder = _Embedder(model, dev, compile=cuda if compile is None else compile, transform=transform)
     dim = model.embed_dim
 
     # Per-shard accumulation; a shard is written as soon as its last row is in.

@@ -85,6 +85,37 @@ def test_eval_transform_resizes_short_side_and_crops():
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225]))
 
 
+def test_resize_on_device_matches_resize_in_workers(tmp_path, weights):
+    # 3 PNGs of different sizes (a list of images reaches the device) then 3 tar JPEGs of one size (a
+    # stacked full-size batch) and one file gone (a zero placeholder inside a batch).
+    ingest = _pool(tmp_path, 4, tar_n=3)
+    rows = pq.read_table(ingest / "manifest.parquet").to_pylist()
+    os.remove(rows[1]["source"])
+    kw = dict(img_size=32, batch_size=3, num_workers=1, device="cpu", shard_size=4)
+    a = run_embed(ingest, weights, tmp_path / "workers", resize_on_device=False, **kw)
+    b = run_embed(ingest, weights, tmp_path / "device", resize_on_device=True, **kw)
+    assert a["counts"] == b["counts"] and b["counts"]["failed"] == 1 and b["params"]["resize_on_device"]
+    ids_a, va = store.load_embeddings(tmp_path / "workers")
+    ids_b, vb = store.load_embeddings(tmp_path / "device")
+    assert ids_a == ids_b and len(ids_a) == 6
+    assert (va * vb).sum(1).min() > 0.999
+
+
+def test_pre_reduce_bounds_huge_images():
+    from curation.embed_data import pre_reduce
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (15, 20, 3), dtype=np.uint8)
+    big = Image.fromarray(small).resize((2000, 1500), Image.BILINEAR)  # smooth content
+    assert pre_reduce(big, 224).size == (1000, 750)  # 1500 // 512 = 2
+    assert pre_reduce(Image.new("RGB", (900, 600)), 224).size == (900, 600)  # under 2x the 256 target
+    direct = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(big)).permute(2, 0, 1)[None].float(), size=(256, 341), mode="bicubic",
+        antialias=True)[0, :, 16:240, 58:282]  # fmt: skip
+    ours = eval_transform_uint8(224)(big).float()
+    assert (ours - direct).abs().mean() < 1.0  # grey levels: the shortcut is invisible
+
+
 def test_file_gone_since_ingest_is_quarantined(tmp_path, weights):
     ingest = _pool(tmp_path, 4)
     rows = pq.read_table(ingest / "manifest.parquet").to_pylist()
