@@ -40,7 +40,7 @@ class MultiCropAugmentation:
 
     def __init__(self, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number: int = 8,
                  global_crops_size: int = 224, local_crops_size: int = 96, blur_probabilities: str = "paper",
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 color_jitter=(0.4, 0.4, 0.2, 0.1), mean=IMAGENET_MEAN, std=IMAGENET_STD):
         if blur_probabilities not in BLUR_PROBABILITIES:
             raise ValueError(f"blur_probabilities must be one of {sorted(BLUR_PROBABILITIES)}, "
                              f"got {blur_probabilities!r}")
@@ -58,7 +58,9 @@ class MultiCropAugmentation:
             ])
 
         colour = v2.Compose([
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            # (brightness, contrast, saturation, hue); zeros skip a component (saturation and hue do nothing
+            # on grayscale data and hue is the costliest part on CPU).
+            v2.RandomApply([v2.ColorJitter(*(c or None for c in color_jitter))], p=0.8),
             v2.RandomGrayscale(p=0.2),
         ])
         normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)])

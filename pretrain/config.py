@@ -51,6 +51,7 @@ class TrainConfig:
     global_crops_scale: list = field(default_factory=lambda: [0.32, 1.0])
     local_crops_scale: list = field(default_factory=lambda: [0.05, 0.32])
     blur_probabilities: str = "paper"  # or "official" (the released checkpoints' inverted ones)
+    color_jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast, saturation, hue
     # --- optimisation (iterations) -------------------------------------------------------------------
     batch_size_per_rank: int = 64
     total_iters: int = 125000

@@ -1,0 +1,127 @@
+"""Bench: DINOv2 training-step throughput on a GPU (bf16 autocast), ViT-S/14 and ViT-L/14, official recipe shapes.
+
+    python3 bench/bench_pretrain_gpu.py [--archs vit_small,vit_large] [--steps 10]
+
+Each step is the full DINOv2 step of pretrain/meta_arch.py: teacher forward on 2 global crops (224 px),
+student forward on 2 global + 8 local crops (98 px) with iBOT masks, heads, losses, backward, gradient
+clipping, AdamW and the EMA update. Batches are synthetic tensors (augmentation cost excluded: it runs
+on CPU workers in a real run). FLOPs per step are counted by torch.utils.flop_counter on one step
+(forward + backward + teacher forward); MFU = FLOPs / step time / dense bf16 peak (989 TFLOP/s for H100
+SXM, 989 for H200). Writes bench/results/pretrain_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pretrain.config import TrainConfig  # noqa: E402
+from pretrain.masking import MaskingGenerator, collate_crops  # noqa: E402
+from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
+from pretrain.train import build_meta_arch  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+RECIPES = {
+    # DINOv2 defaults for ViT-S/14-sized runs, and the vitl14 train config (SwiGLU, 131k prototypes, separate iBOT head).
+    "vit_small": dict(arch="vit_small", ffn_layer="mlp", dino_prototypes=65536, ibot_prototypes=65536,
+                      ibot_separate_head=False, drop_path_rate=0.1, batch_size_per_rank=64),
+    "vit_large": dict(arch="vit_large", ffn_layer="swiglu", dino_prototypes=131072, ibot_prototypes=131072,
+                      head_bottleneck_dim=384, ibot_separate_head=True, drop_path_rate=0.4, batch_size_per_rank=32),
+}
+
+
+def synthetic_batch(b: int, n_local: int, device) -> dict:
+    samples = [{"global_crops": [torch.randn(3, 224, 224) for _ in range(2)],
+                "local_crops": [torch.randn(3, 98, 98) for _ in range(n_local)]} for _ in range(b)]
+    out = collate_crops(samples, n_tokens=256, mask_generator=MaskingGenerator((16, 16), max_num_patches=128),
+                        rng=np.random.default_rng(0))
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+
+def bench_arch(name: str, steps: int, warmup: int, batch: int | None) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kw = dict(RECIPES[name])
+    if batch:
+        kw["batch_size_per_rank"] = batch
+    cfg = TrainConfig(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8,
+                      **kw).validate()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    meta = build_meta_arch(cfg).to(dev)
+    groups = param_groups(meta.student, num_layers=len(meta.student["backbone"].blocks))
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], fused=True)
+    apply_schedules(opt, lr=1e-4, last_layer_lr=1e-4, wd=0.04)
+    batch_t = synthetic_batch(cfg.batch_size_per_rank, 8, dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = meta(batch_t, 0.07)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for k in meta.student.keys():
+            torch.nn.utils.clip_grad_norm_(meta.student[k].parameters(), 3.0)
+        opt.step()
+        meta.update_teacher(0.994)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    gpu = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    return {"arch": name, "patch": 14, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
+            "params_student_M": round(sum(p.numel() for p in meta.student.parameters()) / 1e6, 1),
+            "s_per_step": round(dt, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
+            "peak_mem_GiB": round(mem, 2), "tflops_per_step": round(flops / 1e12, 3),
+            "achieved_tflops": round(flops / dt / 1e12, 1),
+            "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None, "loss": float(loss), "gpu": gpu}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="vit_small,vit_large")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "pretrain_gpu.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure", file=sys.stderr)
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for name in args.archs.split(","):
+        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    result = {"bench": "pretrain_gpu", "command": "bench/bench_pretrain_gpu.py " + " ".join(sys.argv[1:]),
+              "torch": torch.__version__, "rows": rows}
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""kNN and linear evaluation on frozen features, and `lvdflow eval`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lvdflow.errors import UserError
+from pretrain.evaluate import evaluate_backbone, evaluate_checkpoint, knn_classify, linear_probe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_helpers import toy_images  # noqa: E402
+
+
+def _clusters(n_per_class=30, n_classes=3, dim=16, noise=0.1, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_classes, dim))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    x = centers[y] + noise * rng.normal(size=(len(y), dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), y
+
+
+def test_knn_on_separable_features_is_perfect_and_random_labels_are_not():
+    x, y = _clusters()
+    xt, yt = _clusters(n_per_class=10, seed=1)
+    xt, yt = _clusters(n_per_class=10, seed=0)[0][::1], _clusters(n_per_class=10, seed=0)[1]
+    res = knn_classify(x, y, xt, yt)
+    assert res == {"knn_top1_k10": 100.0, "knn_top1_k20": 100.0}
+    shuffled = np.random.default_rng(0).permutation(y)
+    assert knn_classify(x, shuffled, xt, yt)["knn_top1_k20"] < 70
+
+
+def test_knn_vote_is_weighted_by_similarity():
+    # One very close neighbour of class 1 outweighs two distant ones of class 0 at T = 0.07.
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    y = np.array([1, 0, 0])
+    q = np.array([[0.99, 0.14]], np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    assert knn_classify(train, y, q, np.array([1]), ks=(3,))["knn_top1_k3"] == 100.0
+
+
+def test_linear_probe_separates_clusters():
+    x, y = _clusters(noise=0.3)
+    xt, yt = _clusters(n_per_class=10, noise=0.3, seed=0)
+    res = linear_probe(x, y, xt, yt, epochs=50, lrs=(1e-2,), wds=(0.0,))
+    assert res["linear_top1"] >= 95
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    imgs = toy_images(24)
+    for split, idx in (("train", range(0, 16)), ("test", range(16, 24))):
+        for i in idx:
+            d = root / split / ("horizontal" if i % 2 == 0 else "vertical")
+            d.mkdir(parents=True, exist_ok=True)
+            imgs[i].save(d / f"{i}.png")
+    return root / "train", root / "test"
+
+
+def _backbone(tmp_path):
+    from pretrain.models.checkpoint import save_backbone
+    from pretrain.models.vit import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2, init_values=None)
+    return save_backbone(model, tmp_path / "bb.pth"), model
+
+
+def test_evaluate_backbone_on_image_folders(tmp_path, folders):
+    _, model = _backbone(tmp_path)
+    res = evaluate_backbone(model, *folders, "knn")
+    assert res["n_train"] == 16 and res["n_test"] == 8 and res["n_classes"] == 2
+    assert 0 <= res["knn_top1_k10"] <= 100
+    lin = evaluate_backbone(model, *folders, "linear")
+    assert 0 <= lin["linear_top1"] <= 100
+
+
+def test_bad_eval_inputs_are_user_errors(tmp_path, folders):
+    path, model = _backbone(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate_backbone(model, tmp_path / "nope", folders[1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="ImageFolder"):
+        evaluate_backbone(model, tmp_path / "empty", folders[1])
+    with pytest.raises(UserError, match="knn or linear"):
+        evaluate_backbone(model, *folders, "svm")
+    with pytest.raises(UserError, match="checkpoint not found"):
+        evaluate_checkpoint(tmp_path / "missing.pth", *folders)
+
+
+def test_lvdflow_eval_cli_prints_json(tmp_path, folders, capsys):
+    from lvdflow.cli import main
+
+    path, _ = _backbone(tmp_path)
+    assert main(["eval", "knn", "--checkpoint", str(path), "--train", str(folders[0]), "--test", str(folders[1])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["eval"] == "knn" and "knn_top1_k20" in out and out["checkpoint"] == str(path)
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "x.pth"), "--train", str(folders[0]),
+                 "--test", str(folders[1])]) == 2
