@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from webdataset import TarWriter
 
@@ -257,13 +258,12 @@ def run_shard(
         raise UserError("max_count and max_bytes must be positive")
     out = Path(out)
     table = read_input_table(retrieved_or_manifest)
-    rows = table.to_pylist()
-    has_faces = "faces" in table.column_names and any(r.get("faces") for r in rows)
+    has_faces = "faces" in table.column_names and bool(pc.max(pc.list_value_length(table["faces"])).as_py() or 0)
     blur = _blur_hook() if has_faces else None
     if has_faces and blur is None:
         raise UserError("the input has face boxes (column 'faces') but curation.faces.blur_boxes is not available: "
                         "refusing to write unblurred faces")
-    sizes = [r.get("bytes") or 0 for r in rows]
+    sizes = table["bytes"].to_pylist() if "bytes" in table.column_names else [0] * table.num_rows
     plan = plan_shards(sizes, max_count, max_bytes)
     work = work_dir(out)
     _reuse_published(out, work)
@@ -276,7 +276,8 @@ def run_shard(
 
     def one(i: int) -> ShardResult:
         s, e = plan[i]
-        return write_shard(work, i, rows[s:e], blur=blur, mtime=mtime)
+        # Rows as Python dicts one shard at a time: a million-row table would not fit as dicts.
+        return write_shard(work, i, table.slice(s, e - s).to_pylist(), blur=blur, mtime=mtime)
 
     results: list[ShardResult] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -291,7 +292,7 @@ def run_shard(
     for e in errors:
         reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
     stats = {
-        "inputs": len(rows),
+        "inputs": table.num_rows,
         "samples": index.num_rows,
         "shards": len(plan),
         "shards_skipped": sum(r.skipped for r in results),
