@@ -117,20 +117,31 @@ def _shard_batches(shards: list[int], n: int, shard_size: int, batch_size: int) 
 
 class _Embedder:
     """Runs batches through the model; `submit` returns the previous batch's results (one-batch lag on
-    CUDA, so the host waits for batch k's copy while the GPU already runs batch k+1)."""
+    CUDA, so the host waits for batch k's copy while the GPU already runs batch k+1).
+
+    With compiled blocks every forward gets exactly `batch_size` images: a shard's short last batch is
+    padded with zero images (their outputs dropped). Otherwise each new batch size would trigger a
+    recompilation (seconds, with a dynamic-shape graph after the first) in the middle of the run.
+    """
 
     def __init__(
-        self, model: VisionTransformer, device: torch.device, compile: bool, transform: DeviceTransform
-    ) -> None:
+        self, model: VisionTransformer, device: torch.device, compile: bool, transform: DeviceTransform,
+        batch_size: int,
+    ) -> None:  # fmt: skip
         self.device = device
         self.cuda = device.type == "cuda"
         self.model = prepare_for_inference(model, device, compile)
         self.transform = transform
+        self.static_batch = batch_size if compile else None
         self.pending: tuple[Any, ...] | None = None
 
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        return embed_batch(self.model, self.transform(images))
+        x = self.transform(images)
+        n = x.shape[0]
+        if self.static_batch and n < self.static_batch:
+            x = torch.cat([x, x.new_zeros((self.static_batch - n, *x.shape[1:]))])
+        return embed_batch(self.model, x)[:n]
 
     def submit(self, item: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
         """item: (indices, images, reasons) or None to flush. Returns (indices, vectors, reasons) or None."""
@@ -210,7 +221,7 @@ def run_embed(
     device: str = "auto",
     shard_size: int = 50_000,
     compile: bool | None = None,
-    resize_on_device: bool | None = None,
+    resize_on_device: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -221,8 +232,8 @@ def run_embed(
     `weights`: a backbone checkpoint (any layout `pretrain.models.load_backbone` reads); the architecture
     comes from it. Without weights, `allow_random_init=True` builds `arch`/`patch_size` at random (seeded),
     for smoke tests only. `img_size`: the crop the images are embedded at. `compile` (default: on CUDA)
-    compiles the transformer blocks. `resize_on_device` (default: on CUDA) leaves only decoding to the
-    workers and resizes on the device (curation/embed_data.py). `progress(done, total)` is called after each batch. For tests,
+    compiles the transformer blocks. `resize_on_device` leaves only decoding to the workers and
+    resizes on the device (curation/embed_data.py; measured slower on an H100 with 16 CPUs, so off). `progress(done, total)` is called after each batch. For tests,
     `stop_after_shards` returns after that many new shards without publishing (as a crash would).
     Returns the stage manifest.
     """
@@ -244,7 +255,7 @@ def run_embed(
     if img_size % model.patch_size:
         raise UserError(f"img_size {img_size} is not a multiple of the model's patch size {model.patch_size}")
     model_cfg = model.config.to_dict()
-    resize_on_device = dev.type == "cuda" if resize_on_device is None else resize_on_device
+    resize_on_device = bool(resize_on_device)
     params = {"img_size": img_size, "shard_size": shard_size, "batch_size": batch_size, "device": dev.type,
               "precision": "bf16-autocast" if dev.type == "cuda" else "fp32", "model": model_cfg,
               "resize_on_device": resize_on_device,
@@ -284,7 +295,8 @@ def run_embed(
         persistent_workers=False,
     )
     transform = DeviceTransform(img_size, dev, resize_on_device)
-    embedder = _Embedder(model, dev, compile=cuda if compile is None else compile, transform=transform)
+    embedder = _Embedder(model, dev, compile=cuda if compile is None else compile, transform=transform,
+                         batch_size=batch_size)  # fmt: skip
     dim = model.embed_dim
 
     # Per-shard accumulation; a shard is written as soon as its last row is in.

@@ -249,3 +249,22 @@ def test_cuda_bf16_embeddings_agree_with_cpu_fp32(tmp_path, weights):
     assert ids_c == ids_g
     cos = (c * g).sum(1)
     assert cos.min() > 0.99, cos
+
+
+def test_short_batches_are_padded_to_the_compiled_shape(weights):
+    # With compiled blocks every forward must see batch_size images (a new size would recompile mid-run).
+    from curation.embed import _Embedder
+    from curation.embed_data import DeviceTransform
+    from pretrain.models import load_backbone
+
+    model = load_backbone(weights)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    e = _Embedder(model, torch.device("cpu"), compile=False, transform=DeviceTransform(32, torch.device("cpu"), False),
+                  batch_size=4)  # fmt: skip
+    imgs = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8)
+    _, plain, _ = e.submit((torch.arange(3), imgs, ["", "", ""]))
+    e.static_batch = 4  # what compile=True sets
+    _, padded, _ = e.submit((torch.arange(3), imgs, ["", "", ""]))
+    assert seen == [3, 4] and padded.shape == (3, 64)
+    np.testing.assert_allclose(padded, plain, atol=1e-5)
