@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 TILE = 96
 PAD = 4
@@ -31,8 +31,8 @@ def _thumb(row: dict | None) -> Image.Image:
     try:
         from curation.decode import decode_rgb, read_record_bytes
 
-        img = decode_rgb(read_record_bytes(row))
-        img.thumbnail((TILE, TILE))
+        # Fit the tile both ways: 28-pixel Fashion-MNIST images are as useless at their size as huge photos.
+        img = ImageOps.contain(decode_rgb(read_record_bytes(row)), (TILE, TILE))
         tile.paste(img, ((TILE - img.width) // 2, (TILE - img.height) // 2))
     except Exception:
         d = ImageDraw.Draw(tile)
@@ -79,7 +79,8 @@ def write_report(
 
     n_q = pc.list_value_length(table["queries"]).to_numpy(zero_copy_only=False)
     lines += [
-        f"Images retrieved by more than one query (collisions): {int((n_q > 1).sum())}",
+        f"Images retrieved by more than one query (collisions): {int((n_q > 1).sum())} "
+        "(in cluster mode every image lists the nearest queries of its cluster, so most are)",
         f"Queries listed per image: mean {n_q.mean():.2f}, max {int(n_q.max()) if len(n_q) else 0}",
         "",
     ]
