@@ -180,6 +180,14 @@ def test_run_retrieve_forced_modes_and_balanced(pool_dir):
     assert t.num_rows == 90
     assert np.bincount([blob[pos[i]] for i in t["id"].to_pylist()]).tolist() == [30, 30, 30]
     assert all(len(q) == 0 for q in t["queries"].to_pylist())
+    # Cluster mode over hierarchical k-means: the finest level's clusters are the retrieval units.
+    m = run_retrieve(
+        tmp / "pool_emb", tmp / "q_small", tmp / "ingest", tmp / "o3", mode="cluster", clustering="hierarchical",
+        hierarchical_levels=[6, 3], report=False,
+    )
+    t = pq.read_table(tmp / "o3" / "retrieved.parquet")
+    assert m["counts"]["clusters"] == 6 and t.num_rows > 0
+    assert {int(blob[pos[i]]) for i in t["id"].to_pylist()} == {2}
 
 
 def test_run_retrieve_bad_inputs_are_user_errors(pool_dir, tmp_path):
