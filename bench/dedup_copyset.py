@@ -157,16 +157,26 @@ class _Screen:
     copies of each other, so two of them in different families or as distractors would be mislabelled.
     A 16 x 16 grey thumbnail correlation above 0.9 marks them (this screen uses no part of the
     method under test).
+
+    openclipart also keeps series in one folder (a card deck, an icon theme) whose members share drawn
+    elements (pips and frames, a logo): at most one drawing per folder is taken.
     """
 
     def __init__(self) -> None:
         self.thumbs: list[np.ndarray] = []
+        self.folders: set[str] = set()
 
-    def accept(self, img: Image.Image) -> bool:
+    def accept(self, img: Image.Image, path: str | None = None) -> bool:
+        if path is not None:
+            folder = str(Path(path).parent)
+            if folder in self.folders:
+                return False
         t = _thumb(img)
         if self.thumbs and float(np.max(np.stack(self.thumbs) @ t)) > 0.9:
             return False
         self.thumbs.append(t)
+        if path is not None:
+            self.folders.add(str(Path(path).parent))
         return True
 
 
@@ -191,7 +201,7 @@ def build(root: Path, *, photos: int = 30, cliparts: int = 60, copies: int = 7, 
             img = _clipart(p, side)
         except OSError:
             continue
-        if _informative(img) and screen.accept(img):
+        if _informative(img) and screen.accept(img, p):
             originals.append((img, p))
             used += 1
     for fam, (orig, src) in enumerate(originals):
@@ -212,7 +222,7 @@ def build(root: Path, *, photos: int = 30, cliparts: int = 60, copies: int = 7, 
             name = f"f{fam:04d}_c{c}.jpg"
             img.convert("RGB").save(root / name, quality=90)
             cs.family[name], cs.edits[name] = fam, applied
-    extra = [p for p in pick][: distractors * 2]
+    extra = [p for p in pick][: distractors * 20]
     tiles = sorted(glob.glob("/usr/share/crawl/**/*.png", recursive=True))
     n = 0
     for p in extra + tiles:
@@ -222,7 +232,7 @@ def build(root: Path, *, photos: int = 30, cliparts: int = 60, copies: int = 7, 
             img = _clipart(p, side if p in extra else 128)
         except OSError:
             continue
-        if not _informative(img) or not screen.accept(img):
+        if not _informative(img) or not screen.accept(img, p):
             continue
         name = f"d{n:04d}.png"
         img.save(root / name)

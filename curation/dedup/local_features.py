@@ -69,7 +69,10 @@ class SiftExtractor:
         self.contrast = contrast
 
     def __call__(self, img: Image.Image) -> LocalFeatures:
-        gray = working_gray(img, self.side)
+        # Local contrast equalisation (CLAHE) first: dark, hazy and blurred photos, and copies whose
+        # contrast was changed, then yield keypoints at the same places as their originals.
+        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))  # per call: not shared across threads
+        gray = clahe.apply(working_gray(img, self.side))
         sift = cv2.SIFT_create(nfeatures=self.max_keypoints, contrastThreshold=self.contrast)
         kps, desc = sift.detectAndCompute(gray, None)
         if len(kps) < self.max_keypoints // 4:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "dedup"
 OUTPUT = "dedup.parquet"
+PAIRS = "pairs.parquet"  # every scored candidate pair: for choosing a threshold without rerunning
 DEFAULT_THRESHOLD = 0.6  # LVD-142M self-dedup
 DEFAULT_REFERENCE_THRESHOLD = 0.45  # LVD-142M relative dedup against evaluation sets (stricter removal)
 
@@ -76,6 +77,7 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
         qi, qj, qs = knn_pairs(idx, vecs[pool_ids], k_eff, min_score=desc.candidate_floor, exclude_self=True)
         qi, qj = pool_ids[qi], pool_ids[qj]
         sc = desc.pair_scores(qi, qj, qs)
+        _write_pairs(work / PAIRS, records, qi, qj, qs, sc)
         keep = sc >= threshold
         edges_i, edges_j, edges_s = qi[keep], qj[keep], sc[keep]
         del idx
@@ -157,6 +159,16 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
         "digest": file_digest(work / OUTPUT),
     }
     return publish(work, out, manifest)
+
+
+def _write_pairs(path: Path, records: list[Record], i: np.ndarray, j: np.ndarray, cos: np.ndarray,
+                 score: np.ndarray) -> None:
+    pq.write_table(pa.table({
+        "a": pa.array([records[x].path for x in i.tolist()], pa.string()),
+        "b": pa.array([records[x].path for x in j.tolist()], pa.string()),
+        "cosine": pa.array(cos, pa.float32()),
+        "score": pa.array(score, pa.float32()),
+    }), path)
 
 
 def _load(rec: Record | None):

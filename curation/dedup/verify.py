@@ -17,7 +17,8 @@ from curation.dedup.local_features import LocalFeatures
 RATIO = 0.8  # Lowe's ratio test: keep a match only when clearly better than the second best
 RANSAC_PX = 6.0  # reprojection tolerance in working-image pixels (long edge ~448)
 MIN_SCALE, MAX_SCALE = 1 / 8, 8.0  # copies are resized at most this much relative to each other
-MIN_SPREAD = 0.06  # see _thin
+MIN_SPREAD = 0.03  # see _thin
+MIN_ELONGATION = 0.12  # see _thin
 
 
 def _matches(a: LocalFeatures, b: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -43,14 +44,14 @@ def _thin(pts: np.ndarray, size: tuple[int, int]) -> bool:
 
     An overlaid caption, a watermark or a logo is the same on unrelated images and yields many matches
     that one transform explains, but they all lie on one line of text. A copy's matches spread over the
-    picture in both directions. The test: the smaller principal spread of the points must reach
-    MIN_SPREAD of the image's long edge.
+    picture in both directions. The test: the smaller principal spread (standard deviation) of the
+    points must reach MIN_SPREAD of the image's long edge and MIN_ELONGATION of the larger spread.
     """
     if len(pts) < 3:
         return True
-    cov = np.cov(pts.T.astype(np.float64))
-    minor = float(np.sqrt(max(np.linalg.eigvalsh(cov)[0], 0.0)))
-    return minor < MIN_SPREAD * max(size)
+    eig = np.linalg.eigvalsh(np.cov(pts.T.astype(np.float64)))
+    minor, major = float(np.sqrt(max(eig[0], 0.0))), float(np.sqrt(max(eig[1], 0.0)))
+    return minor < MIN_SPREAD * max(size) or minor < MIN_ELONGATION * major
 
 
 def _inliers(src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> int:
