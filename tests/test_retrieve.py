@@ -78,8 +78,8 @@ def test_cluster_based_takes_only_clusters_with_more_than_min_queries():
 
 def test_index_choice_by_size_and_ivf_recall():
     assert knn.choose_index_spec(1000, 64) == "Flat"
-    assert knn.choose_index_spec(1_000_000, 768) == "IVF1024,Flat"
-    assert knn.choose_index_spec(1_000_000, 768, gpu=True) == "IVF4096,Flat"
+    assert knn.choose_index_spec(1_000_000, 768) == "IVF1024,SQfp16"
+    assert knn.choose_index_spec(1_000_000, 768, gpu=True) == "IVF4096,SQfp16"
     assert knn.choose_index_spec(20_000_000, 768, gpu=True) == "IVF16384,PQ64"
     rng = np.random.default_rng(2)
     x = l2_normalise(rng.normal(size=(8000, 32))).astype(np.float16)
