@@ -2,7 +2,7 @@
 
 Layout of a shard directory (img2dataset / webdataset conventions):
     {shard:06d}.tar       one sample per image: <key>.<ext> (the original file bytes, never re-encoded,
-                          except images with face boxes, which are stored blurred) and <key>.json
+                          except images with face boxes, which are stored blurred and re-encoded) and <key>.json
     {shard:06d}.parquet   index of the shard (key, id, uri, ext, sha256 of the stored bytes, ...); written
                           after the tar is renamed into place, so its presence marks the shard complete
     index.parquet         all shard indexes, with a `shard` column
@@ -122,18 +122,16 @@ def _blur_hook() -> Callable | None:
 def blurred_bytes(data: bytes, boxes: list, fmt: str, blur_boxes: Callable) -> tuple[bytes, str]:
     """Decode, blur the face boxes, re-encode in the same format (the one case where bytes change).
 
-    Returns (bytes, extension); formats PIL cannot write well (or at all) are stored as PNG.
+    Boxes are `[x, y, w, h]` in the pixels of `curation.decode.decode_rgb(data)` (EXIF orientation applied),
+    which is what the face detector saw, so the image is decoded the same way here. Returns (bytes,
+    extension); formats PIL cannot write well are stored as PNG.
     """
-    from PIL import Image
+    from curation.decode import decode_rgb
 
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    out_img = blur_boxes(img, [list(map(float, b)) for b in boxes])
+    out_img = blur_boxes(decode_rgb(data), [[int(round(float(v))) for v in b] for b in boxes])
     buf = io.BytesIO()
     fmt = "JPEG" if fmt == "MPO" else fmt
     save_fmt = fmt if fmt in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF") else "PNG"
-    if save_fmt == "JPEG" and out_img.mode not in ("RGB", "L"):
-        out_img = out_img.convert("RGB")
     out_img.save(buf, format=save_fmt, **({"quality": 95} if save_fmt in ("JPEG", "WEBP") else {}))
     return buf.getvalue(), FORMAT_EXT[save_fmt]
 

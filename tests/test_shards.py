@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import shards.writer as writer
@@ -122,31 +122,33 @@ def test_rerun_skips_complete_shards(manifest, tmp_path, monkeypatch):
 
 
 def test_faces_are_blurred_or_refused(tmp_path, monkeypatch):
-    table = write_images(tmp_path / "img", 4, np.random.default_rng(1), formats=("PNG",))
-    faces = [[[2, 2, 12, 12]], [], None, [[0, 0, 5, 5], [6, 6, 20, 18]]]
-    table = table.append_column("faces", pa.array(faces, pa.list_(pa.list_(pa.float64()))))
+    table = write_images(tmp_path / "img", 4, np.random.default_rng(1), formats=("PNG", "JPEG"))
+    faces = [[[2, 2, 10, 10]], [], None, [[0, 0, 5, 5], [6, 6, 14, 12]]]  # [x, y, w, h], as the detector writes
+    table = table.append_column("faces", pa.array(faces, pa.list_(pa.list_(pa.int64()))))
     write_manifest(table, tmp_path / "m" / "manifest.parquet")
+    real_hook = writer._blur_hook
     monkeypatch.setattr(writer, "_blur_hook", lambda: None)
     with pytest.raises(UserError, match="unblurred faces"):
         writer.run_shard(tmp_path / "m", tmp_path / "s")
-
-    def blur_boxes(img, boxes):
-        img = img.copy()
-        for x0, y0, x1, y1 in boxes:
-            box = tuple(int(v) for v in (x0, y0, x1, y1))
-            img.paste(img.crop(box).filter(ImageFilter.GaussianBlur(3)), box[:2])
-        return img
-
-    monkeypatch.setattr(writer, "_blur_hook", lambda: blur_boxes)
+    monkeypatch.setattr(writer, "_blur_hook", real_hook)  # curation.faces.blur_boxes
     m = writer.run_shard(tmp_path / "m", tmp_path / "s")
     assert m["counts"]["blurred"] == 2
     ds = ShardDataset(tmp_path / "s", decode="bytes", shuffle_buffer=1, with_meta=True)
     got = {s["key"]: s for s in ds}
+    assert not ds.errors  # the stored sha256 is that of the blurred bytes
     for r, f in zip(table.to_pylist(), faces):
         s = got[r["id"]]
+        original = Path(r["source"]).read_bytes()
         assert s["meta"]["blurred"] == bool(f)
-        assert (s["image"] == Path(r["source"]).read_bytes()) == (not f)
-        Image.open(io.BytesIO(s["image"])).verify()
+        assert (s["image"] == original) == (not f)
+        assert s["meta"]["ext"] == {"PNG": "png", "JPEG": "jpg"}[r["format"]]  # same format after blurring
+        if f and r["format"] == "PNG":  # lossless: only the face region changed
+            a = np.asarray(Image.open(io.BytesIO(s["image"])).convert("RGB"), dtype=int)
+            b = np.asarray(Image.open(io.BytesIO(original)).convert("RGB"), dtype=int)
+            x, y, w, h = f[0]
+            changed = np.argwhere((a != b).any(axis=2))
+            assert len(changed) > 0
+            assert changed[:, 1].max() < x + w + 3 and changed[:, 0].max() < y + h + 3
 
 
 @pytest.fixture
