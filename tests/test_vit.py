@@ -158,3 +158,18 @@ def test_xformers_and_sdpa_agree_on_cuda(monkeypatch):
         monkeypatch.setenv("LVDFLOW_DISABLE_XFORMERS", "1")
         b = m(x)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_get_intermediate_layers():
+    m = tiny(depth=3, num_register_tokens=2)
+    x = torch.randn(2, 3, 56, 28)
+    with torch.no_grad():
+        outs = m.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True)
+        last = m.forward_features(x)
+    assert len(outs) == 2 and outs[0][0].shape == (2, 64, 4, 2) and outs[0][1].shape == (2, 64)
+    # the last block, normed, is forward_features' output (registers excluded from the patch grid)
+    torch.testing.assert_close(outs[1][0].flatten(2).transpose(1, 2), last["x_norm_patchtokens"])
+    torch.testing.assert_close(outs[1][1], last["x_norm_clstoken"])
+    with torch.no_grad():
+        picked = m.get_intermediate_layers(x, n=[0], norm=False)
+    assert picked[0].shape == (2, 8, 64)
