@@ -59,7 +59,8 @@ def test_masks_replace_patch_tokens_by_mask_token():
     assert not torch.allclose(oa["x_prenorm"], oc["x_prenorm"])
     # Gradient reaches the mask token only when masks are used.
     m.train()
-    m.forward_features(a, masks=all_masked)["x_norm_clstoken"].sum().backward()
+    # (not a sum of LayerNorm outputs: with unit gain and zero bias that is constant, its gradient zero)
+    m.forward_features(a, masks=all_masked)["x_prenorm"][:, 0].sum().backward()
     assert m.mask_token.grad is not None and m.mask_token.grad.abs().sum() > 0
 
 
@@ -173,3 +174,17 @@ def test_get_intermediate_layers():
     with torch.no_grad():
         picked = m.get_intermediate_layers(x, n=[0], norm=False)
     assert picked[0].shape == (2, 8, 64)
+
+
+def test_init_weights_covers_every_parameter():
+    # FSDP2 pattern: build on meta, materialise uninitialised memory, then init_weights().
+    with torch.device("meta"):
+        m = build_vit("vit_tiny", depth=2, num_register_tokens=2, ffn_layer="swiglu", init_values=1e-5)
+    m = m.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    m.init_weights()
+    for name, p in m.named_parameters():
+        assert torch.isfinite(p).all(), name
+    assert torch.all(m.blocks[0].ls1.gamma == 1e-5) and torch.all(m.mask_token == 0)

@@ -150,6 +150,9 @@ class VisionTransformer(nn.Module):
 
     # ---- initialisation -------------------------------------------------------------------------------
     def init_weights(self) -> None:
+        """Initialise every parameter (DINOv2's scheme), so a model built on the meta device and
+        materialised with `to_empty` (the FSDP2 way) needs only this call."""
+        self.patch_embed.proj.reset_parameters()  # PyTorch's conv default, as in DINOv2
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
