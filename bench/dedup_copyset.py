@@ -58,7 +58,7 @@ def _font(size: int) -> ImageFont.ImageFont:
     for name in ("DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"):
         try:
             return ImageFont.truetype(name, size)
-        except OSError:
+        except (OSError, Image.DecompressionBombError):  # unreadable or absurdly large drawing
             continue
     return ImageFont.load_default(size=size)
 
@@ -199,7 +199,7 @@ def build(root: Path, *, photos: int = 30, cliparts: int = 60, copies: int = 7, 
             break
         try:
             img = _clipart(p, side)
-        except OSError:
+        except (OSError, Image.DecompressionBombError):  # unreadable or absurdly large drawing
             continue
         if _informative(img) and screen.accept(img, p):
             originals.append((img, p))
@@ -230,7 +230,7 @@ def build(root: Path, *, photos: int = 30, cliparts: int = 60, copies: int = 7, 
             break
         try:
             img = _clipart(p, side if p in extra else 128)
-        except OSError:
+        except (OSError, Image.DecompressionBombError):  # unreadable or absurdly large drawing
             continue
         if not _informative(img) or not screen.accept(img, p):
             continue

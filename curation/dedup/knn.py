@@ -57,8 +57,7 @@ def build_index(base: np.ndarray, *, kind: str = "auto", exact_max: int = 200_00
         raise ValueError(f"unknown index kind {kind!r}")
     if use_gpu:
         index = _maybe_gpu(index)
-    info["gpu"] = not isinstance(index, (faiss.IndexFlatIP, faiss.IndexHNSWFlat, faiss.IndexPreTransform)) and \
-        "Gpu" in type(index).__name__
+    info["gpu"] = "Gpu" in type(index).__name__
     for start in range(0, n, 262_144):
         index.add(np.ascontiguousarray(base[start:start + 262_144]))
     return index, info
