@@ -26,6 +26,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _prefect_console_on_real_stderr():
+    """Keep Prefect's console log handler on the process's real stderr (fd 2, still captured by pytest).
+
+    Prefect binds the handler to whatever sys.stderr is when it configures logging; under pytest that can
+    be one test's capture stream, closed after that test, and every later flow run would then fail while
+    logging (a recursion through log_prints). Rebinding before each test avoids that.
+    """
+    import logging
+    import sys
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and handler.stream is not sys.__stderr__:
+            handler.stream = sys.__stderr__  # not setStream: it would flush the closed stream
+            if hasattr(handler, "console"):
+                handler.console.file = sys.__stderr__
+    yield
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A temporary Prefect server and result store for the whole session (flow and cache tests)."""
