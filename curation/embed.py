@@ -108,11 +108,24 @@ def embed_batch(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
         return model.forward_features(x)["x_norm_clstoken"].float()
 
 
-def _shard_batches(shards: list[int], n: int, shard_size: int, batch_size: int) -> Iterator[list[int]]:
-    for s in shards:
-        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-        for b in range(lo, hi, batch_size):
-            yield list(range(b, min(b + batch_size, hi)))
+class _ShardBatches:
+    """Batch sampler: consecutive index ranges, restarting at every shard's first row. Lazy, so that a
+    manifest of 100M rows costs no list of 100M indices."""
+
+    def __init__(self, shards: list[int], n: int, shard_size: int, batch_size: int) -> None:
+        self.shards, self.n, self.shard_size, self.batch_size = shards, n, shard_size, batch_size
+
+    def _bounds(self, s: int) -> tuple[int, int]:
+        return s * self.shard_size, min((s + 1) * self.shard_size, self.n)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in self.shards:
+            lo, hi = self._bounds(s)
+            for b in range(lo, hi, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, hi)))
+
+    def __len__(self) -> int:
+        return sum(-(-(hi - lo) // self.batch_size) for lo, hi in map(self._bounds, self.shards))
 
 
 class _Embedder:
@@ -263,7 +276,9 @@ def run_embed(
     out = Path(out)
     work = _prepare_work(out, _job_identity(manifest_file, weights_path, params))
 
-    ids = table.column("id").to_pylist()
+    # Arrow arrays, not Python lists: forked decode workers share their buffers without the copy-on-read
+    # that reference counts cause with millions of Python strings.
+    ids, uris = table.column("id").combine_chunks(), table.column("uri").combine_chunks()
     n = len(ids)
     n_shards = (n + shard_size - 1) // shard_size
     done_shards = set(store.completed_shards(work))
@@ -275,18 +290,18 @@ def run_embed(
     cuda = dev.type == "cuda"
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 32) if cuda else max(1, (os.cpu_count() or 2) // 2)
-    if not cuda:
+    threads_before = torch.get_num_threads()
+    if not cuda:  # leave the decode workers their cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers) if num_workers else (os.cpu_count() or 1))
     dataset = ManifestImages(
-        {"source": table.column("source").to_pylist(), "member": table.column("member").to_pylist()},
+        {"source": table.column("source").combine_chunks(), "member": table.column("member").combine_chunks()},
         crop=img_size,
         max_pixels=max_pixels,
         resize_on_device=resize_on_device,
     )
-    uris = table.column("uri").to_pylist()
     loader = DataLoader(
         dataset,
-        batch_sampler=list(_shard_batches(todo, n, shard_size, batch_size)),
+        batch_sampler=_ShardBatches(todo, n, shard_size, batch_size),
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=cuda,
@@ -307,17 +322,18 @@ def run_embed(
     def consume(result: tuple[Any, ...]) -> bool:
         nonlocal rows_done, new_shards
         idx, vecs, reasons = result
-        idx = idx.tolist()
-        s = idx[0] // shard_size
+        lo, count = int(idx[0]), len(idx)  # batches are consecutive rows
+        s = lo // shard_size
         a = acc.setdefault(s, {"ids": [], "vecs": [], "failed": [], "seen": 0})
-        for j, i in enumerate(idx):
-            if reasons[j]:
-                a["failed"].append({"id": ids[i], "uri": uris[i], "reason": reasons[j]})
+        batch_ids = ids.slice(lo, count).to_pylist()
+        for j, reason in enumerate(reasons):
+            if reason:
+                a["failed"].append({"id": batch_ids[j], "uri": uris[lo + j].as_py(), "reason": reason})
             else:
-                a["ids"].append(ids[i])
+                a["ids"].append(batch_ids[j])
                 a["vecs"].append(vecs[j])
-        a["seen"] += len(idx)
-        rows_done += len(idx)
+        a["seen"] += count
+        rows_done += count
         if progress:
             progress(rows_done, n)
         if a["seen"] == min((s + 1) * shard_size, n) - s * shard_size:
@@ -331,15 +347,18 @@ def run_embed(
         return False
 
     stopped = False
-    for batch in loader:
-        res = embedder.submit(batch)
-        if res is not None and consume(res):
-            stopped = True
-            break
-    if not stopped:
-        res = embedder.submit(None)
-        if res is not None:
-            stopped = consume(res)
+    try:
+        for batch in loader:
+            res = embedder.submit(batch)
+            if res is not None and consume(res):
+                stopped = True
+                break
+        if not stopped:
+            res = embedder.submit(None)
+            if res is not None:
+                stopped = consume(res)
+    finally:
+        torch.set_num_threads(threads_before)
     if stopped:
         return {"stage": "embed", "stopped_early": True, "shards_written": new_shards}
     if acc:

@@ -88,7 +88,8 @@ class DeviceTransform:
 
 class ManifestImages(Dataset):
     """Item i: (i, uint8 image, reason). A row that cannot be read or decoded gives a zero image and its
-    reason code instead of raising, so one bad file cannot stop a run of millions; the stage reports it."""
+    reason code instead of raising, so one bad file cannot stop a run of millions; the stage reports it.
+    `rows` holds the manifest's `source` and `member` columns (Arrow arrays or sequences)."""
 
     def __init__(
         self,
@@ -110,7 +111,7 @@ class ManifestImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
         try:
-            data = read_record_bytes({"source": self.sources[i], "member": self.members[i]})
+            data = read_record_bytes({"source": _value(self.sources[i]), "member": _value(self.members[i])})
             img = self.to_tensor(pre_reduce(decode_rgb(data, self.max_pixels), self.crop))
             return i, (img if self.resize_on_device else self.resize_crop(img)), ""
         except DecodeError as exc:
@@ -118,6 +119,10 @@ class ManifestImages(Dataset):
         except OSError as exc:  # file gone or unreadable since ingest
             reason = f"unreadable: {exc.__class__.__name__}"
         return i, torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), reason
+
+
+def _value(v: Any) -> Any:
+    return v.as_py() if hasattr(v, "as_py") else v  # an Arrow scalar, or a plain value
 
 
 def collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, Any, list[str]]:

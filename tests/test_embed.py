@@ -110,7 +110,7 @@ def test_pre_reduce_bounds_huge_images():
     assert pre_reduce(big, 224).size == (1000, 750)  # 1500 // 512 = 2
     assert pre_reduce(Image.new("RGB", (900, 600)), 224).size == (900, 600)  # under 2x the 256 target
     direct = torch.nn.functional.interpolate(
-        torch.from_numpy(np.asarray(big)).permute(2, 0, 1)[None].float(), size=(256, 341), mode="bicubic",
+        torch.from_numpy(np.array(big)).permute(2, 0, 1)[None].float(), size=(256, 341), mode="bicubic",
         antialias=True)[0, :, 16:240, 58:282]  # fmt: skip
     ours = eval_transform_uint8(224)(big).float()
     assert (ours - direct).abs().mean() < 1.0  # grey levels: the shortcut is invisible
