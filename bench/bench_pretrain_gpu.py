@@ -96,7 +96,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None) -> dict:
             "s_per_step": round(dt, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
             "peak_mem_GiB": round(mem, 2), "tflops_per_step": round(flops / 1e12, 3),
             "achieved_tflops": round(flops / dt / 1e12, 1),
-            "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None, "loss": float(loss), "gpu": gpu}
+            "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None, "loss": float(loss.detach()), "gpu": gpu}
 
 
 def main() -> int:
