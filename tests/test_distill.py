@@ -22,6 +22,8 @@ from pretrain.train import build_augmentation, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import ListStream, tiny_config, toy_images  # noqa: E402
+# The trainer tests' helpers: a stream that dies like a killed process, a free port, one torch thread.
+from test_pretrain_train import Crash, CrashingStream, _free_port, _one_thread  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +120,6 @@ def test_several_students_share_one_teacher_pass(teacher_run, tmp_path):
     assert rec["total_loss"] == pytest.approx(rec["vit_tiny/total_loss"] + rec["wide/total_loss"], rel=1e-5)
     wide = load_backbone(s["students"]["wide"]["backbone"])
     assert wide.embed_dim == 64 and wide.num_heads == 4 and len(wide.blocks) == 2
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashingStream(ListStream):
-    def __init__(self, images, crash_after: int):
-        super().__init__(images)
-        self.crash_after, self.drawn = crash_after, 0
-
-    def __iter__(self):
-        for x in super().__iter__():
-            self.drawn += 1
-            if self.drawn > self.crash_after:
-                raise Crash("killed")
-            yield x
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run_bitwise(teacher_run, tmp_path):
@@ -250,3 +235,60 @@ def test_cli_checks_inputs_before_prefect(tmp_path, capsys):
     assert "no .tar shards" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", "--teacher", str(tmp_path), "--shards", str(tmp_path), "--out", "o", "--arch", "vit_mega"])
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_then_resume_in_one(teacher_run, tmp_path):
+    """torchrun, 2 processes, gloo: students, their EMAs and the teacher are sharded, two students train
+    from one teacher pass, and the DCP checkpoint resumes in one process (another world size)."""
+    import os
+    import subprocess
+
+    from distill_torchrun_worker import tiny_distill_config
+
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    worker = Path(__file__).with_name("distill_torchrun_worker.py")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", str(_free_port()), str(worker), str(teacher_run), str(out), "2"],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "worker.json").read_text())
+    assert s["world_size"] == 2 and s["iterations_done"] == 2 and s["teacher_forwards"] == 2
+    for local, total in s["sizes"].values():
+        assert local < 0.6 * total  # about half per rank
+    ck = out / "checkpoints" / "it_00000002"
+    assert {"__0_0.distcp", "__1_0.distcp", "rank_0.pt", "rank_1.pt"} <= {p.name for p in ck.iterdir()}
+    resumed = distill(tiny_distill_config(), out, teacher=teacher_run, dataset=ListStream(toy_images(32)[::2]))
+    assert resumed["resumed_from"] == 2 and resumed["world_size"] == 1
+    assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if "total_loss" in r] == list(range(4))
+    assert set(resumed["students"]) == {"vit_tiny", "wide"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_distill_flow_reads_shards_publishes_and_caches(teacher_run, tmp_path):
+    import numpy as np
+
+    from _retrieval_data import write_images, write_manifest
+    from flows.distill import distill_flow
+    from lvdflow.stage import is_complete
+    from shards.writer import run_shard
+    from tests.prefect_helpers import task_states
+
+    table = write_images(tmp_path / "img", 12, np.random.default_rng(0))
+    write_manifest(table, tmp_path / "ingest" / "manifest.parquet")
+    run_shard(tmp_path / "ingest", tmp_path / "shards", max_count=5)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dcfg(total_iters=2, checkpoint_every=2).to_dict()))
+    kw = dict(teacher=str(teacher_run), shards=str(tmp_path / "shards"), out=str(tmp_path / "out"),
+              config=str(config), overrides={"students": ["vit_tiny", "vit_small"], "embed_dim": 0, "num_heads": 0})
+    state = distill_flow(return_state=True, **kw)
+    assert state.is_completed(), state
+    m = state.result()
+    assert task_states(state.state_details.flow_run_id)["distill"] == "Completed"
+    assert is_complete(tmp_path / "out") and m["counts"] == {"iterations": 2, "students": 2, "global_batch": 4,
+                                                             "teacher_forwards": 2}
+    assert load_backbone(m["students"]["vit_small"]["backbone"]).embed_dim == 384
+    state = distill_flow(return_state=True, **kw)
+    assert task_states(state.state_details.flow_run_id)["distill"] == "Cached"

@@ -26,13 +26,6 @@ def _archs(value: str) -> list[str]:
     return archs
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return n
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, metavar="CKPT",
                    help="pretraining run directory, a teacher_checkpoint.pth, or a backbone checkpoint")
@@ -42,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
     p.add_argument("--config", default="distill_demo",
                    help="profile name in pretrain/configs or a YAML/JSON file (default: %(default)s)")
-    p.add_argument("--iters", type=_positive, default=None, help="total iterations (default: the profile's)")
+    p.add_argument("--iters", type=int, default=None, help="total iterations (default: the profile's)")
     p.add_argument("--masking", choices=("off", "on"), default=None,
                    help="student input masking with iBOT on masked patches (on, as DINOv3) or none with iBOT on "
                         "all global-crop patches (off, the paper's choice; default: the profile's)")
@@ -56,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     shards = existing_dir(args.shards, "shards")
     if not any(shards.glob("*.tar")):
         raise UserError(f"no .tar shards in {shards}")
+    if args.iters is not None and args.iters < 1:
+        raise UserError(f"--iters must be >= 1, got {args.iters}")
     if bool(args.eval_train) != bool(args.eval_test):
         raise UserError("--eval-train and --eval-test go together")
     evals = [existing_dir(d, "evaluation folder") for d in (args.eval_train, args.eval_test) if d]

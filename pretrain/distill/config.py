@@ -14,6 +14,7 @@ list means one student of `arch`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,12 @@ def load_distill_config(path: str | Path | None = None, overrides: dict[str, Any
         if not p.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            import yaml
+            if p.suffix == ".json":  # not through YAML: YAML 1.1 reads JSON's 1e-05 as a string
+                values = json.loads(p.read_text())
+            else:
+                import yaml
 
-            # YAML is a superset of JSON: one parser reads both kinds of profile.
-            values = yaml.safe_load(p.read_text()) or {}
+                values = yaml.safe_load(p.read_text()) or {}
         except Exception as exc:
             raise UserError(f"cannot parse config {path}: {exc}") from exc
         if not isinstance(values, dict):

@@ -1,0 +1,132 @@
+"""Bench: a distilled student against the same student trained from scratch, on the demo data.
+
+    .venv/bin/python bench/bench_distill.py [--work runs/bench_distill] [--teacher-iters 600] [--iters 300]
+
+1. Demo data (small), its pool ingested and written as WebDataset shards (reused when present).
+2. Teacher: the pretraining trainer with the `demo` profile for --teacher-iters iterations (reused when the
+   run is complete), or --teacher CKPT.
+3. Distilled: `distill` with the `distill_demo` profile (paper choices: no masking, no stochastic depth, iBOT
+   on the global crops, the student's EMA exported) for --iters iterations.
+4. Scratch: the pretraining trainer, `demo` profile, the same student architecture and --iters iterations
+   (its EMA teacher is its final model, as the distilled student's EMA is).
+kNN top-1 (k = 10, 20, T = 0.07) on the demo's Fashion-MNIST eval split (eval/train memory, eval/test
+queries) for the teacher, the distilled student, the scratch student and the student at random init.
+Writes bench/results/distill_demo.json with the figures, iterations, wall times and the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def prepare_data(work: Path) -> tuple[Path, Path, Path]:
+    """(shards, eval_train, eval_test), built with the stages' library functions when missing."""
+    from curation.demo_data import build_demo_data
+    from curation.ingest import run_ingest
+    from lvdflow.stage import is_complete, read_manifest
+    from shards.writer import run_shard
+
+    demo, ingest, shards = work / "demo", work / "ingest", work / "shards"
+    dm = read_manifest(demo) if is_complete(demo) else build_demo_data(demo, "small")
+    if not is_complete(shards):
+        if not is_complete(ingest):
+            run_ingest([demo / dm["outputs"]["pool"]], ingest, workers=0)
+        run_shard(ingest, shards, max_count=500)
+    return shards, demo / dm["outputs"]["eval_train"], demo / dm["outputs"]["eval_test"]
+
+
+def fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_distill"))
+    ap.add_argument("--shards", help="existing shards (else built under --work)")
+    ap.add_argument("--eval-train")
+    ap.add_argument("--eval-test")
+    ap.add_argument("--teacher", help="an existing teacher (pretraining run dir or checkpoint)")
+    ap.add_argument("--teacher-iters", type=int, default=600)
+    ap.add_argument("--iters", type=int, default=300, help="iterations of the distilled and the scratch student")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "distill_demo.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    from bench.common import write_result
+    from pretrain.config import load_config, profile_path
+    from pretrain.distill.config import load_distill_config
+    from pretrain.distill.train import distill, student_config
+    from pretrain.evaluate import evaluate_backbone
+    from pretrain.train import build_backbone, train
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.shards:
+        shards, eval_train, eval_test = Path(args.shards), Path(args.eval_train), Path(args.eval_test)
+    else:
+        shards, eval_train, eval_test = prepare_data(work)
+    timings = {"data_prep_s": round(time.perf_counter() - t0, 1)}
+    common = {"num_threads": args.threads, "eval_every": 0}
+    evals = {"eval_train": eval_train, "eval_test": eval_test}
+
+    teacher = Path(args.teacher) if args.teacher else work / "teacher"
+    teacher_knn = None
+    if not args.teacher:
+        t = time.perf_counter()
+        # Resumes (or returns at once) when a run of these settings is already there.
+        s = train(load_config(profile_path("demo"), {**common, "total_iters": args.teacher_iters}), teacher,
+                  shards=shards, **evals)
+        teacher_knn = s.get("knn")
+        timings["teacher_s"] = round(time.perf_counter() - t, 1)
+
+    dcfg = load_distill_config(profile_path("distill_demo"), {**common, "total_iters": args.iters})
+    spec = dcfg.student_specs()[0]
+    t = time.perf_counter()
+    d = distill(dcfg, fresh(work / "distilled"), teacher=teacher, shards=shards, **evals)
+    timings["distill_s"] = round(time.perf_counter() - t, 1)
+
+    arch = {k: spec["overrides"][k] for k in ("embed_dim", "depth", "num_heads") if k in spec["overrides"]}
+    scfg = load_config(profile_path("demo"), {**common, "total_iters": args.iters, "arch": spec["arch"], **arch})
+    t = time.perf_counter()
+    s = train(scfg, fresh(work / "scratch"), shards=shards, **evals)
+    timings["scratch_s"] = round(time.perf_counter() - t, 1)
+
+    torch.manual_seed(dcfg.seed)
+    random_init = build_backbone(student_config(dcfg, spec), drop_path_rate=0.0)
+    rand = {k: v for k, v in evaluate_backbone(random_init, eval_train, eval_test, "knn",
+                                               image_size=dcfg.global_crops_size).items() if k.startswith("knn_top1")}
+    distilled = d["students"][spec["name"]]["knn"]
+    scratch = s["knn"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    write_result(Path(args.result).stem, {
+        "command": "bench/bench_distill.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores, shared)",
+        "teacher": {"path": str(teacher), "iterations": args.teacher_iters if not args.teacher else None,
+                    "arch": d["teacher"], "knn_top1": teacher_knn},
+        "student": {"name": spec["name"], "arch": spec["arch"], **arch, "params": d["students"][spec["name"]]["params"]},
+        "iterations": args.iters, "batch_size": dcfg.batch_size_per_rank,
+        "knn_top1": {"distilled": distilled, "scratch": scratch, "random_init": rand},
+        "distilled_minus_scratch_points": {k: round(distilled[k] - scratch[k], 2) for k in distilled},
+        "bar_distilled_beats_scratch": all(distilled[k] > scratch[k] for k in distilled),
+        "timings": timings,
+        "distill_last": d["last"], "scratch_last": s["last"],
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
