@@ -60,6 +60,9 @@ def main() -> int:
     ap.add_argument("--teacher-iters", type=int, default=600)
     ap.add_argument("--iters", type=int, default=300, help="iterations of the distilled and the scratch student")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--teacher-heads", default="auto", choices=("auto", "fresh"))
+    ap.add_argument("--teacher-set", action="append", default=[], metavar="KEY=JSON",
+                    help="override of the teacher's demo profile, e.g. centering=\"sinkhorn_knopp\"")
     ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "distill_demo.json"))
     args = ap.parse_args()
 
@@ -88,12 +91,14 @@ def main() -> int:
     if not args.teacher:
         t = time.perf_counter()
         # Resumes (or returns at once) when a run of these settings is already there.
-        s = train(load_config(profile_path("demo"), {**common, "total_iters": args.teacher_iters}), teacher,
+        extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.teacher_set)}
+        s = train(load_config(profile_path("demo"), {**common, "total_iters": args.teacher_iters, **extra}), teacher,
                   shards=shards, **evals)
         teacher_knn = s.get("knn")
         timings["teacher_s"] = round(time.perf_counter() - t, 1)
 
-    dcfg = load_distill_config(profile_path("distill_demo"), {**common, "total_iters": args.iters})
+    dcfg = load_distill_config(profile_path("distill_demo"),
+                               {**common, "total_iters": args.iters, "teacher_heads": args.teacher_heads})
     spec = dcfg.student_specs()[0]
     t = time.perf_counter()
     d = distill(dcfg, fresh(work / "distilled"), teacher=teacher, shards=shards, **evals)

@@ -190,6 +190,9 @@ def test_bare_backbone_teacher_gets_seeded_heads_and_grids_are_matched(teacher_r
     t2, _ = load_teacher(tmp_path / "official.pth", head_hidden_dim=32, head_bottleneck_dim=16,
                          dino_prototypes=64, seed=3)
     assert info["heads"] == "initialised" and not any(p.requires_grad for p in t1.parameters())
+    _, run_info = load_teacher(teacher_run, heads="fresh", head_hidden_dim=32, head_bottleneck_dim=16,
+                               dino_prototypes=64)
+    assert run_info["heads"] == "initialised" and run_info["dino_prototypes"] == 64
     assert all(torch.equal(a, b) for a, b in zip(t1.state_dict().values(), t2.state_dict().values()))
     # a /8 student of a /4 teacher: the teacher sees the crops upsized so both grids are 4 x 4
     cfg = dcfg(patch_size=8, img_size=32, global_crops_size=32, local_crops_size=16)

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masking", choices=("off", "on"), default=None,
                    help="student input masking with iBOT on masked patches (on, as DINOv3) or none with iBOT on "
                         "all global-crop patches (off, the paper's choice; default: the profile's)")
+    p.add_argument("--teacher-heads", choices=("auto", "fresh"), default=None,
+                   help="auto: the teacher checkpoint's trained heads; fresh: new seeded heads on its backbone "
+                        "(for a teacher whose heads collapsed; default: the profile's)")
     p.add_argument("--eval-train", help="ImageFolder for kNN evaluation of each student at the end")
     p.add_argument("--eval-test", help="ImageFolder of the kNN test split")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["students"] = args.arch
     if args.iters:
         overrides["total_iters"] = args.iters
+    if args.teacher_heads:
+        overrides["teacher_heads"] = args.teacher_heads
     if args.masking:
         overrides["masking"] = args.masking == "on"
     load_distill_config(profile_path(args.config), overrides)  # config errors before Prefect starts

@@ -38,6 +38,9 @@ class DistillConfig(TrainConfig):
     # False (paper): students see unmasked global crops and iBOT runs on all their patch tokens.
     # True (DINOv3 / birder): block masking of `mask_probability` of the global crops, iBOT on masked patches.
     masking: bool = False
+    # "auto": the teacher checkpoint's trained heads (the recipe); "fresh": new seeded heads on the teacher's
+    # backbone (a bare backbone always gets fresh ones), for a teacher whose heads collapsed.
+    teacher_heads: str = "auto"
 
     def student_specs(self) -> list[dict[str, Any]]:
         """[{name, arch, overrides}] in order, names unique (`arch`, then `arch_2`, ... on repeats)."""
@@ -59,6 +62,8 @@ class DistillConfig(TrainConfig):
         from pretrain.models.vit import ARCHS
 
         problems = []
+        if self.teacher_heads not in ("auto", "fresh"):
+            problems.append(f"teacher_heads must be auto|fresh, got {self.teacher_heads!r}")
         for entry in self.students or [self.arch]:
             if isinstance(entry, str):
                 entry = {"arch": entry}

@@ -74,28 +74,34 @@ def _load_backbone_for(ckpt: Path):
 
 
 def load_teacher(path: str | Path, *, head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256,
-                 head_nlayers: int = 3, dino_prototypes: int = 65536, seed: int = 0) -> tuple[nn.ModuleDict, dict]:
-    """(frozen teacher ModuleDict {backbone, dino_head[, ibot_head]}, info). Head sizes are used only for a
-    bare backbone, whose heads are initialised here."""
+                 head_nlayers: int = 3, dino_prototypes: int = 65536, seed: int = 0,
+                 heads: str = "auto") -> tuple[nn.ModuleDict, dict]:
+    """(frozen teacher ModuleDict {backbone, dino_head[, ibot_head]}, info).
+
+    `heads`: "auto" uses the checkpoint's trained heads when it has them; "fresh" always initialises new
+    ones (seeded, with the given sizes), e.g. when the trained head has collapsed to uniform outputs but
+    the backbone's features are still worth distilling."""
+    if heads not in ("auto", "fresh"):
+        raise UserError(f"teacher heads must be auto or fresh, got {heads!r}")
     ckpt = resolve_teacher_path(path)
     backbone = _load_backbone_for(ckpt)
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     sd = raw.get("teacher") if isinstance(raw, dict) and isinstance(raw.get("teacher"), dict) else raw
-    has_heads = isinstance(sd, dict) and any(k.startswith("dino_head.") for k in sd)
+    has_heads = heads == "auto" and isinstance(sd, dict) and any(k.startswith("dino_head.") for k in sd)
     if has_heads:
-        heads = {"dino_head": head_from_state_dict(sd, "dino_head")}
+        modules = {"dino_head": head_from_state_dict(sd, "dino_head")}
         if any(k.startswith("ibot_head.") for k in sd):
-            heads["ibot_head"] = head_from_state_dict(sd, "ibot_head")
+            modules["ibot_head"] = head_from_state_dict(sd, "ibot_head")
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            heads = {"dino_head": DINOHead(backbone.embed_dim, dino_prototypes, head_hidden_dim, head_bottleneck_dim,
-                                           head_nlayers)}
-    teacher = nn.ModuleDict({"backbone": backbone, **heads})
+            modules = {"dino_head": DINOHead(backbone.embed_dim, dino_prototypes, head_hidden_dim,
+                                             head_bottleneck_dim, head_nlayers)}
+    teacher = nn.ModuleDict({"backbone": backbone, **modules})
     freeze(teacher)
     info = {"path": str(ckpt), "heads": "trained" if has_heads else "initialised",
             "embed_dim": backbone.embed_dim, "depth": len(backbone.blocks), "patch_size": backbone.patch_size,
-            "dino_prototypes": heads["dino_head"].out_dim, "ibot_separate_head": "ibot_head" in heads,
+            "dino_prototypes": modules["dino_head"].out_dim, "ibot_separate_head": "ibot_head" in modules,
             "params": sum(p.numel() for p in teacher.parameters())}
     return teacher, info
 

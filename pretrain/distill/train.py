@@ -54,7 +54,7 @@ def student_config(cfg: DistillConfig, spec: dict) -> DistillConfig:
 def build_distill(cfg: DistillConfig, teacher_path: str | Path) -> tuple[DistillMetaArch, dict]:
     teacher, info = load_teacher(teacher_path, head_hidden_dim=cfg.head_hidden_dim,
                                  head_bottleneck_dim=cfg.head_bottleneck_dim, head_nlayers=cfg.head_nlayers,
-                                 dino_prototypes=cfg.dino_prototypes, seed=cfg.seed)
+                                 dino_prototypes=cfg.dino_prototypes, seed=cfg.seed, heads=cfg.teacher_heads)
     torch.manual_seed(cfg.seed)  # same student initialisation on every rank and every resume
     students = {s["name"]: build_backbone(student_config(cfg, s)) for s in cfg.student_specs()}
     meta = DistillMetaArch(teacher, students, dino_weight=cfg.dino_weight, ibot_weight=cfg.ibot_weight,
@@ -139,6 +139,15 @@ def _step(meta, optimizer, batch, s, cfg, last_layer, autocast, it):
     return metrics
 
 
+def _warn_if_uniform_targets(reduced: dict, teacher_info: dict) -> None:
+    """A teacher head that collapsed to uniform outputs (entropy ~ log K) teaches nothing through DINO."""
+    name = next(k.split("/")[0] for k in reduced if k.endswith("/teacher_entropy"))
+    entropy, log_k = reduced[f"{name}/teacher_entropy"], reduced[f"{name}/log_prototypes"]
+    if teacher_info["heads"] == "trained" and entropy > 0.98 * log_k:
+        print(f"warning: the teacher's targets are almost uniform (entropy {entropy:.3f} of log K = {log_k:.3f}): "
+              f"its DINO head has collapsed; teacher_heads: fresh distils its backbone through new heads", flush=True)
+
+
 def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards: str | Path | None = None,
             dataset=None, eval_train: str | Path | None = None, eval_test: str | Path | None = None) -> dict:
     """Distil (or resume distilling) `teacher` into cfg's students, into `out`. Returns rank 0's summary."""
@@ -208,6 +217,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
             raise TrainingDiverged(f"non-finite distillation loss at iteration {it} "
                                    f"({ {k: v for k, v in reduced.items() if k.endswith('loss')} }); "
                                    f"the last checkpoint is in {ckroot}")
+        if it == start and rank() == 0:
+            _warn_if_uniform_targets(reduced, teacher_info)
         done = it + 1
         if it == start or done % cfg.log_every == 0 or done == stop:
             now = time.perf_counter()
