@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.masking import MaskingGenerator, collate_crops  # noqa: E402
 from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
-from pretrain.train import build_meta_arch  # noqa: E402
+from pretrain.train import build_meta_arch, compile_blocks  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -48,7 +48,7 @@ def synthetic_batch(b: int, n_local: int, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
 
 
-def bench_arch(name: str, steps: int, warmup: int, batch: int | None) -> dict:
+def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_blocks_flag: bool = False) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     kw = dict(RECIPES[name])
@@ -59,6 +59,8 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None) -> dict:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     meta = build_meta_arch(cfg).to(dev)
+    if compile_blocks_flag:
+        compile_blocks(meta)
     groups = param_groups(meta.student, num_layers=len(meta.student["backbone"].blocks))
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], fused=True)
     apply_schedules(opt, lr=1e-4, last_layer_lr=1e-4, wd=0.04)
@@ -105,6 +107,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "pretrain_gpu.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -113,7 +116,8 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.archs.split(","):
-        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None))
+        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile))
+        rows[-1]["compiled_blocks"] = args.compile
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     result = {"bench": "pretrain_gpu", "command": "bench/bench_pretrain_gpu.py " + " ".join(sys.argv[1:]),

@@ -86,6 +86,14 @@ def shard_with_fsdp2(meta: SSLMetaArch, device: torch.device) -> None:
             fully_shard(net[name], mesh=mesh, mp_policy=mp)
 
 
+def compile_blocks(meta: SSLMetaArch) -> None:
+    """torch.compile every transformer block of student and teacher (in place; the block is the unit that
+    repeats, so one compiled graph per crop shape serves all of them)."""
+    for net in (meta.student, meta.teacher):
+        for blk in net["backbone"].blocks:
+            blk.compile()
+
+
 def init_distributed() -> torch.device:
     """Join the torchrun process group when launched by torchrun; pick this process's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -167,6 +175,8 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (FSDP shards one model)
     meta = build_meta_arch(cfg).to(device)
+    if cfg.compile:
+        compile_blocks(meta)
     if is_dist():
         shard_with_fsdp2(meta, device)
     torch.manual_seed(cfg.seed + 1000 * rank())  # per-rank stochastic depth draws
