@@ -224,3 +224,10 @@ def test_centering_subtracts_the_pool_mean_from_pool_and_queries():
     assert np.linalg.norm(pool.astype(np.float32).mean(0)) < 0.1 < np.linalg.norm(before.mean(0))
     expect = l2_normalise(raw_q.astype(np.float16).astype(np.float32) - mean)
     assert np.allclose(qs.vectors.astype(np.float32), expect, atol=1e-2)
+
+
+def test_nothing_retrieved_still_publishes_an_empty_table(pool_dir):
+    tmp, _, _ = pool_dir
+    m = run_retrieve(tmp / "pool_emb", tmp / "q_small", tmp / "ingest", tmp / "empty", min_queries=100, n_clusters=6)
+    t = pq.read_table(tmp / "empty" / "retrieved.parquet")
+    assert m["counts"]["retrieved"] == 0 and t.num_rows == 0 and "queries" in t.column_names

@@ -306,3 +306,13 @@ def test_retrieve_and_shard_flows_cache_and_chain(tmp_path):
     keys = {s["key"] for s in ShardDataset(tmp_path / "wds", decode="bytes")}
     ids = table["id"].to_pylist()
     assert {blob[ids.index(k)] for k in keys} == {1} and len(keys) == 30
+
+
+def test_empty_input_publishes_no_shards(manifest, tmp_path):
+    _, table = manifest
+    write_manifest(table.slice(0, 0), tmp_path / "e" / "retrieved.parquet")
+    m = writer.run_shard(tmp_path / "e", tmp_path / "s")
+    assert m["counts"]["samples"] == 0 and m["counts"]["shards"] == 0 and not list((tmp_path / "s").glob("*.tar"))
+    assert pq.read_table(tmp_path / "s" / "index.parquet").num_rows == 0
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        ShardDataset(tmp_path / "s")
