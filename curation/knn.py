@@ -88,10 +88,13 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
 
 
 def _to_gpu(index: faiss.Index) -> faiss.Index:
+    # float16 lookup tables: GPU IVF-PQ with more than 48 sub-quantisers needs them (shared memory limit).
     if faiss.get_num_gpus() == 1:
-        res = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(res, 0, index)
+        co = faiss.GpuClonerOptions()
+        co.useFloat16 = True
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
     co = faiss.GpuMultipleClonerOptions()
+    co.useFloat16 = True
     co.shard = True  # split the database over GPUs instead of replicating it
     return faiss.index_cpu_to_all_gpus(index, co=co)
 
@@ -138,12 +141,13 @@ def build_index(
             clus = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
             ivf.clustering_index = clus
         index.train(train)
+    if "IVF" in spec:
+        # Set on the CPU index: cloning to GPU copies nprobe (GPU indexes need GpuParameterSpace otherwise).
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     if use_gpu:
-        index = _to_gpu(index)
+        index = _to_gpu(index)  # empty but trained: the vectors are added on the GPU, batch by batch
     for start in range(0, n, add_batch):
         index.add(_as_f32(vectors[start : start + add_batch]))
-    if "IVF" in spec:
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     return KnnIndex(index=index, spec=spec, gpu=use_gpu, ntotal=n)
 
 

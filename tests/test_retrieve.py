@@ -231,3 +231,19 @@ def test_nothing_retrieved_still_publishes_an_empty_table(pool_dir):
     m = run_retrieve(tmp / "pool_emb", tmp / "q_small", tmp / "ingest", tmp / "empty", min_queries=100, n_clusters=6)
     t = pq.read_table(tmp / "empty" / "retrieved.parquet")
     assert m["counts"]["retrieved"] == 0 and t.num_rows == 0 and "queries" in t.column_names
+
+
+@pytest.mark.cuda
+def test_gpu_index_and_kmeans_match_cpu():
+    if knn.gpu_count() == 0:
+        pytest.skip("faiss-gpu is not installed (the `gpu` extra)")
+    rng = np.random.default_rng(7)
+    x = l2_normalise(rng.normal(size=(20_000, 64))).astype(np.float16)
+    for spec in ("Flat", "IVF64,SQfp16", "IVF64,PQ16"):
+        cpu = knn.build_index(x, spec=spec, nprobe=64, gpu=False)
+        gpu = knn.build_index(x, spec=spec, nprobe=64, gpu=True)
+        _, a = knn.search(cpu, x[:500], 1)
+        _, b = knn.search(gpu, x[:500], 1)
+        assert gpu.gpu and np.mean(a[:, 0] == b[:, 0]) > 0.9
+    km = kmeans(x, 20, gpu=True)
+    assert km.gpu and len(np.unique(km.assignment)) == 20
