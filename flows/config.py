@@ -51,6 +51,7 @@ class EmbedConfig(_Strict):
     num_workers: int | None = None
     device: str = "auto"
     bootstrap_config: str = Field("bootstrap", description="pretraining profile of the bootstrap embedder")
+    bootstrap_overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class RetrieveConfig(_Strict):
@@ -95,10 +96,10 @@ class PipelineConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_overrides(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -110,6 +111,6 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Pipeline
         raise UserError(f"no profile {name!r} (known: {known})")
     data = yaml.safe_load(path.read_text()) or {}
     try:
-        return PipelineConfig.model_validate(_merge(data, overrides or {}))
+        return PipelineConfig.model_validate(merge_overrides(data, overrides or {}))
     except Exception as exc:  # pydantic's ValidationError names every bad field
         raise UserError(f"invalid configuration ({path.name} + overrides): {exc}") from None

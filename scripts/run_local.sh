@@ -20,6 +20,8 @@ fi
 prefect server status --wait --timeout 240 >/dev/null
 
 prefect work-pool create lvdflow-local --type process --overwrite >/dev/null
+# The production deployment targets a GPU pool; its runs wait there until a GPU host starts a worker.
+prefect work-pool create lvdflow-gpu --type process --overwrite >/dev/null
 prefect deploy --all --no-prompt >/dev/null
 
 # Job control on: without it bash starts background jobs with SIGINT ignored, and the worker (which turns

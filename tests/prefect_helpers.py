@@ -18,13 +18,24 @@ def task_states(flow_run_id) -> dict[str, str]:
             runs += frontier
         trs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=runs)))
         # subflow calls appear as task runs too (dummy tasks); keep real stage tasks only
-        return {t.name.rsplit("-", 1)[0]: t.state.name for t in trs if t.task_key and not t.name.startswith(
-            tuple(("demo-data-flow", "ingest-flow")))}
+        out: dict[str, list[str]] = {}
+        for t in sorted(trs, key=lambda t: t.expected_start_time or t.created):
+            if t.state_type is not None and t.flow_run_id in runs and not _is_subflow_marker(t):
+                out.setdefault(t.name.rsplit("-", 1)[0], []).append(t.state.name)
+        return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+
+
+def _is_subflow_marker(task_run) -> bool:
+    # A subflow call is recorded in its parent as a task run named like the subflow (so like its stage
+    # task); its state points at the child flow run.
+    return bool(task_run.state and task_run.state.state_details.child_flow_run_id)
 
 
 def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = None, timeout: int = 600):
-    """Create the work pool, deploy prefect.yaml, run `curate-and-pretrain/local` on tiny demo data through a
-    `--run-once` process worker; returns the finished flow run (read back from the API)."""
+    """Create the work pools, deploy prefect.yaml, run `curate-and-pretrain/local` with the test profile
+    (tiny demo data, a few training steps) through a `--run-once` process worker; returns the finished
+    flow run (read back from the API)."""
+    import json
     import os
     import subprocess
     import sys
@@ -38,9 +49,10 @@ def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = No
         return r
 
     prefect("work-pool", "create", "lvdflow-local", "--type", "process", "--overwrite")
+    prefect("work-pool", "create", "lvdflow-gpu", "--type", "process", "--overwrite")
     prefect("deploy", "--all", "--no-prompt")
-    r = prefect("deployment", "run", "curate-and-pretrain/local", "--param", f"run_dir={run_dir}",
-                "--param", "demo_size=tiny", "--param", "workers=1")
+    r = prefect("deployment", "run", "curate-and-pretrain/local", "--param", "profile=test",
+                "--param", "overrides=" + json.dumps({"run_dir": run_dir}))
     run_id = next(line.split("UUID:")[1].strip() for line in r.stdout.splitlines() if "UUID:" in line)
     prefect("worker", "start", "--pool", "lvdflow-local", "--run-once", t=timeout)
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -1,40 +1,32 @@
-"""End to end: prefect.yaml deploys `curate-and-pretrain/local`, a process worker runs it to Completed."""
+"""End to end: prefect.yaml deploys `curate-and-pretrain/local`, a process worker runs the whole DAG."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.prefect_helpers import deploy_and_run_local
+
 ROOT = Path(__file__).resolve().parents[1]
-PREFECT = [sys.executable, "-m", "prefect"]
+
+STAGE_ARTIFACTS = {"demo-data-summary", "ingest-summary", "dedup-summary", "select-summary", "embed-summary",
+                   "retrieve-summary", "shard-summary", "pretrain-summary", "distill-summary", "evaluate-summary",
+                   "curate-and-pretrain-report"}
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
-def test_deployment_from_prefect_yaml_runs_on_a_process_worker(tmp_path):
+def test_deployment_from_prefect_yaml_runs_the_dag_on_a_process_worker(tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    run = lambda *args, **kw: subprocess.run(PREFECT + list(args), env=env, cwd=ROOT, capture_output=True,  # noqa: E731
-                                             text=True, timeout=kw.get("timeout", 300))
-    r = run("work-pool", "create", "lvdflow-local", "--type", "process", "--overwrite")
-    assert r.returncode == 0, r.stderr
-    r = run("deploy", "--all", "--no-prompt")
-    assert r.returncode == 0, r.stdout + r.stderr
-
-    flow_run = run_deployment("curate-and-pretrain/local", timeout=0,
-                              parameters={"run_dir": str(tmp_path / "run"), "demo_size": "tiny", "workers": 1})
-    r = run("worker", "start", "--pool", "lvdflow-local", "--run-once", timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    flow_run = deploy_and_run_local(PREFECT_API_URL.value(), str(tmp_path / "run"), ROOT)
+    assert flow_run.state.is_completed(), flow_run.state  # --run-once exits 0 even when the run failed
     with get_client(sync_client=True) as client:
-        state = client.read_flow_run(flow_run.id).state
-        assert state.is_completed(), state  # --run-once exits 0 even when the run failed
         keys = {a.key for a in client.read_artifacts() if a.key}
-    assert {"demo-data-summary", "ingest-summary", "curate-and-pretrain-report"} <= keys
-    assert (tmp_path / "run" / "ingest" / "manifest.parquet").is_file()
+    assert STAGE_ARTIFACTS <= keys, STAGE_ARTIFACTS - keys
+    run = tmp_path / "run"
+    assert (run / "ingest" / "manifest.parquet").is_file()
+    assert list((run / "shards").glob("*.tar"))
+    assert (run / "pretrain" / "teacher" / "teacher_backbone.pth").is_file()
