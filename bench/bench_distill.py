@@ -112,8 +112,16 @@ def main() -> int:
 
     torch.manual_seed(dcfg.seed)
     random_init = build_backbone(student_config(dcfg, spec), drop_path_rate=0.0)
-    rand = {k: v for k, v in evaluate_backbone(random_init, eval_train, eval_test, "knn",
-                                               image_size=dcfg.global_crops_size).items() if k.startswith("knn_top1")}
+
+    def knn(backbone) -> dict:
+        res = evaluate_backbone(backbone, eval_train, eval_test, "knn", image_size=dcfg.global_crops_size)
+        return {k: v for k, v in res.items() if k.startswith("knn_top1")}
+
+    rand = knn(random_init)
+    if teacher_knn is None:  # a given teacher: evaluated here with the same kNN
+        from pretrain.distill.teacher import load_teacher
+
+        teacher_knn = knn(load_teacher(teacher)[0]["backbone"])
     distilled = d["students"][spec["name"]]["knn"]
     scratch = s["knn"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
