@@ -150,6 +150,14 @@ def _thumb(img: Image.Image) -> np.ndarray:
     return t / (np.linalg.norm(t) + 1e-6)
 
 
+def _series(path: str) -> str:
+    """The series of a drawing: its folder, cut to three levels below openclipart's png/ root."""
+    parts = Path(path).parent.parts
+    if "png" in parts:
+        parts = parts[parts.index("png") + 1:]
+    return "/".join(parts[:3])
+
+
 class _Screen:
     """Rejects a source that is a recoloured variant of one already taken.
 
@@ -158,8 +166,9 @@ class _Screen:
     A 16 x 16 grey thumbnail correlation above 0.9 marks them (this screen uses no part of the
     method under test).
 
-    openclipart also keeps series in one folder (a card deck, an icon theme) whose members share drawn
-    elements (pips and frames, a logo): at most one drawing per folder is taken.
+    openclipart also keeps series in one folder tree (card decks under recreation/games/cards, an icon
+    theme under computer/icons/<theme>) whose members share drawn elements (corner pips and frames, a
+    document template): at most one drawing per series is taken (see _series).
     """
 
     def __init__(self) -> None:
@@ -168,7 +177,7 @@ class _Screen:
 
     def accept(self, img: Image.Image, path: str | None = None) -> bool:
         if path is not None:
-            folder = str(Path(path).parent)
+            folder = _series(path)
             if folder in self.folders:
                 return False
         t = _thumb(img)
@@ -176,7 +185,7 @@ class _Screen:
             return False
         self.thumbs.append(t)
         if path is not None:
-            self.folders.add(str(Path(path).parent))
+            self.folders.add(_series(path))
         return True
 
 
