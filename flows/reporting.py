@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import re
+from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_table_artifact
+from PIL import Image
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 
 def _slug(text: str) -> str:
@@ -18,3 +23,46 @@ def stage_table(stage: str, manifest: dict[str, Any], extra: dict[str, Any] | No
     rows += [{"metric": k, "value": v} for k, v in (extra or {}).items()]
     rows.append({"metric": "output", "value": manifest.get("dir", "")})
     create_table_artifact(key=f"{_slug(stage)}-summary", table=rows, description=f"{stage}: counts and output")
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def inline_images(markdown: str, base: Path, max_side: int = 900) -> str:
+    """Replace links to local PNG/JPEG files by data URIs, so the Prefect UI shows the pictures.
+
+    Artifacts live in the API database, not next to the files; a relative link would show nothing.
+    Images are downscaled to `max_side` to keep the artifact small.
+    """
+
+    def repl(m: re.Match) -> str:
+        alt, target = m.group(1), m.group(2)
+        if target.startswith(("data:", "http://", "https://")):
+            return m.group(0)
+        path = (base / target) if not Path(target).is_absolute() else Path(target)
+        if not path.is_file():
+            return m.group(0)
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((max_side, max_side))
+            buf = io.BytesIO()
+            img.save(buf, "PNG", optimize=True)
+        return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+    return _IMAGE_LINK.sub(repl, markdown)
+
+
+def markdown_report(key: str, path: Path, description: str) -> None:
+    """Publish a markdown report file (with its local images inlined) as an artifact."""
+    path = Path(path)
+    if path.is_file():
+        create_markdown_artifact(key=key, markdown=inline_images(path.read_text(), path.parent),
+                                 description=description)
+
+
+def image_artifact(key: str, image: Path, title: str, description: str) -> None:
+    """One picture (a training curve, a grid) as a markdown artifact."""
+    image = Path(image)
+    if image.is_file():
+        create_markdown_artifact(key=key, markdown=inline_images(f"# {title}\n\n![{title}]({image.name})\n",
+                                                                 image.parent), description=description)

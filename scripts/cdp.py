@@ -36,7 +36,7 @@ class Browser:
         if not exe:
             raise RuntimeError("chromium not found (Debian package 'chromium')")
         self.port = _free_port()
-        self.profile = tempfile.TemporaryDirectory()
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.proc = subprocess.Popen(
             [exe, *FLAGS, f"--remote-debugging-port={self.port}", "--remote-debugging-address=127.0.0.1",
              f"--user-data-dir={self.profile.name}", "about:blank"],
