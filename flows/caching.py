@@ -24,11 +24,13 @@ CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
     "ingest": "1",
     "dedup": "1",
+    "select": "1",
     "embed": "1",
     "retrieve": "1",
     "shard": "1",
     "pretrain": "1",
     "distill": "1",
+    "evaluate": "1",
 }
 
 # Files above this size are fingerprinted by (size, mtime) instead of hashed: a multi-GB tar shard is

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lvdflow.errors import UserError
 
@@ -112,5 +112,6 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Pipeline
     data = yaml.safe_load(path.read_text()) or {}
     try:
         return PipelineConfig.model_validate(merge_overrides(data, overrides or {}))
-    except Exception as exc:  # pydantic's ValidationError names every bad field
-        raise UserError(f"invalid configuration ({path.name} + overrides): {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"invalid configuration ({path.name} + overrides): {problems}") from None

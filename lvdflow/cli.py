@@ -19,12 +19,14 @@ COMMAND_MODULES = [
     "lvdflow.commands.demo_data",
     "lvdflow.commands.ingest",
     "lvdflow.commands.dedup",
+    "lvdflow.commands.select",
     "lvdflow.commands.embed",
     "lvdflow.commands.retrieve",
     "lvdflow.commands.shard",
     "lvdflow.commands.pretrain",
     "lvdflow.commands.eval",
     "lvdflow.commands.distill",
+    "lvdflow.commands.run",
 ]
 
 
