@@ -38,6 +38,9 @@ def test_help_lists_every_stage_and_explains_every_option():
     (["demo-data", "--out", "/etc/hostname"], "not a directory"),
     (["ingest", "--out"], "expected one argument"),
     (["no-such-command"], "invalid choice"),
+    (["run", "--profile", "no-such-profile"], "no profile"),
+    (["run", "--override", '{"dedup": {"threshold": 7}}'], "dedup.threshold"),
+    (["select", "/no/such/ingest", "/tmp", "--out", "x"], "INGEST_DIR does not exist"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message):
     proc = subprocess.run(LVDFLOW + args, capture_output=True, text=True, timeout=120)
