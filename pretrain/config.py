@@ -36,6 +36,7 @@ class TrainConfig:
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
     ibot_separate_head: bool = False
+    norm_last_layer: bool = False  # DINOv1: freeze the prototypes' weight-norm g at 1 (stabler for small models)
     # --- losses --------------------------------------------------------------------------------------
     dino_weight: float = 1.0
     ibot_weight: float = 1.0

@@ -18,11 +18,13 @@ from torch import nn
 class WeightNormLinear(nn.Module):
     """Linear layer without bias whose weight is `weight_g * weight_v / ||weight_v||` row-wise."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, norm_last_layer: bool = False):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        # g starts at 1 (as DINOv2) and is trained; DINOv1 froze it (`norm_last_layer`).
-        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        # g starts at 1 and is trained in DINOv2. DINOv1's `norm_last_layer` keeps it frozen at 1 (unit
+        # prototypes), which its authors found more stable for small models: a trainable g can shrink
+        # towards 0, making student and (EMA) teacher outputs uniform - a collapse the loss cannot undo.
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
         nn.init.trunc_normal_(self.weight_v, std=0.02)
 
     def weight(self) -> torch.Tensor:
@@ -42,6 +44,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
+        norm_last_layer: bool = False,
     ):
         super().__init__()
         if nlayers < 1:
@@ -53,7 +56,7 @@ class DINOHead(nn.Module):
             if i < nlayers - 1:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
         self.out_dim = out_dim
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
@@ -69,14 +72,15 @@ class DINOHead(nn.Module):
 
 
 def build_heads(embed_dim: int, *, dino_prototypes: int, ibot_prototypes: int, hidden_dim: int,
-                bottleneck_dim: int, nlayers: int, ibot_separate_head: bool) -> dict[str, nn.Module]:
+                bottleneck_dim: int, nlayers: int, ibot_separate_head: bool,
+                norm_last_layer: bool = False) -> dict[str, nn.Module]:
     """The heads of one network (student or teacher): `dino_head`, plus `ibot_head` when separate.
 
     With a shared head (DINOv2 default) the masked patch tokens go through `dino_head` too.
     """
     heads: dict[str, nn.Module] = {
-        "dino_head": DINOHead(embed_dim, dino_prototypes, hidden_dim, bottleneck_dim, nlayers)
+        "dino_head": DINOHead(embed_dim, dino_prototypes, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
     }
     if ibot_separate_head:
-        heads["ibot_head"] = DINOHead(embed_dim, ibot_prototypes, hidden_dim, bottleneck_dim, nlayers)
+        heads["ibot_head"] = DINOHead(embed_dim, ibot_prototypes, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
     return heads

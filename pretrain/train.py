@@ -51,7 +51,8 @@ def build_meta_arch(cfg: TrainConfig) -> SSLMetaArch:
                        ibot_prototypes=cfg.ibot_prototypes, head_hidden_dim=cfg.head_hidden_dim,
                        head_bottleneck_dim=cfg.head_bottleneck_dim, head_nlayers=cfg.head_nlayers,
                        ibot_separate_head=cfg.ibot_separate_head, dino_weight=cfg.dino_weight,
-                       ibot_weight=cfg.ibot_weight, koleo_weight=cfg.koleo_weight, centering=cfg.centering)
+                       ibot_weight=cfg.ibot_weight, koleo_weight=cfg.koleo_weight, centering=cfg.centering,
+                       norm_last_layer=cfg.norm_last_layer)
     # The teacher runs without stochastic depth (DINOv2 builds it with drop_path_rate 0).
     for blk in meta.teacher["backbone"].blocks:
         blk.drop_path_rate = 0.0

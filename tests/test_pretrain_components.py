@@ -194,3 +194,12 @@ def test_param_groups_decay_masks_and_multipliers():
     for g in opt.param_groups:
         assert g["lr"] == (0.0 if g["is_last_layer"] else g["lr_multiplier"])
         assert g["weight_decay"] == pytest.approx(0.1 * g["wd_multiplier"])
+
+
+def test_norm_last_layer_freezes_the_prototype_norm():
+    head = DINOHead(16, out_dim=10, hidden_dim=8, bottleneck_dim=4, norm_last_layer=True)
+    assert not head.last_layer.weight_g.requires_grad and head.last_layer.weight_v.requires_grad
+    head(torch.randn(3, 16)).sum().backward()
+    assert head.last_layer.weight_g.grad is None
+    assert "dino_head.last_layer.weight_g" not in {
+        n for g in param_groups(torch.nn.ModuleDict({"dino_head": head}), num_layers=1) for n in g["names"]}
