@@ -109,11 +109,14 @@ def embed_batch(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
 
 
 class _ShardBatches:
-    """Batch sampler: consecutive index ranges, restarting at every shard's first row. Lazy, so that a
-    manifest of 100M rows costs no list of 100M indices."""
+    """Batch sampler: consecutive rows, restarting at every shard's first row, as (index, source, member)
+    items for `ManifestImages`. Lazy: a manifest of 100M rows costs no list of 100M items."""
 
-    def __init__(self, shards: list[int], n: int, shard_size: int, batch_size: int) -> None:
+    def __init__(
+        self, shards: list[int], n: int, shard_size: int, batch_size: int, sources: Any, members: Any
+    ) -> None:
         self.shards, self.n, self.shard_size, self.batch_size = shards, n, shard_size, batch_size
+        self.sources, self.members = sources, members  # Arrow arrays, read in this process only
 
     def _bounds(self, s: int) -> tuple[int, int]:
         return s * self.shard_size, min((s + 1) * self.shard_size, self.n)
@@ -122,7 +125,9 @@ class _ShardBatches:
         for s in self.shards:
             lo, hi = self._bounds(s)
             for b in range(lo, hi, self.batch_size):
-                yield list(range(b, min(b + self.batch_size, hi)))
+                k = min(b + self.batch_size, hi) - b
+                src, mem = self.sources.slice(b, k).to_pylist(), self.members.slice(b, k).to_pylist()
+                yield list(zip(range(b, b + k), src, mem))
 
     def __len__(self) -> int:
         return sum(-(-(hi - lo) // self.batch_size) for lo, hi in map(self._bounds, self.shards))
@@ -276,8 +281,7 @@ def run_embed(
     out = Path(out)
     work = _prepare_work(out, _job_identity(manifest_file, weights_path, params))
 
-    # Arrow arrays, not Python lists: forked decode workers share their buffers without the copy-on-read
-    # that reference counts cause with millions of Python strings.
+    # Arrow arrays, not Python lists: millions of Python strings cost ~10x their bytes.
     ids, uris = table.column("id").combine_chunks(), table.column("uri").combine_chunks()
     n = len(ids)
     n_shards = (n + shard_size - 1) // shard_size
@@ -293,16 +297,18 @@ def run_embed(
     threads_before = torch.get_num_threads()
     if not cuda:  # leave the decode workers their cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers) if num_workers else (os.cpu_count() or 1))
-    dataset = ManifestImages(
-        {"source": table.column("source").combine_chunks(), "member": table.column("member").combine_chunks()},
-        crop=img_size,
-        max_pixels=max_pixels,
-        resize_on_device=resize_on_device,
-    )
+    dataset = ManifestImages(crop=img_size, max_pixels=max_pixels, resize_on_device=resize_on_device)
+    sampler = _ShardBatches(todo, n, shard_size, batch_size, table.column("source").combine_chunks(),
+                            table.column("member").combine_chunks())  # fmt: skip
     loader = DataLoader(
         dataset,
-        batch_sampler=_ShardBatches(todo, n, shard_size, batch_size),
+        batch_sampler=sampler,
         num_workers=num_workers,
+        # Spawned, not forked: a stage often runs in a non-main thread (Prefect runs tasks so), and children
+        # forked from there can fail in interpreter shutdown (exit code 1, seen under Prefect). Not the
+        # forkserver either: its children outlive a kill -9 of this process (they watch their parent, the
+        # forkserver, which waits for them). Spawned workers see this process die and exit.
+        multiprocessing_context="spawn" if num_workers else None,
         collate_fn=collate,
         pin_memory=cuda,
         worker_init_fn=worker_init if num_workers else None,

@@ -15,7 +15,7 @@ Normalisation always runs batched on the model's device.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -87,31 +87,25 @@ class DeviceTransform:
 
 
 class ManifestImages(Dataset):
-    """Item i: (i, uint8 image, reason). A row that cannot be read or decoded gives a zero image and its
-    reason code instead of raising, so one bad file cannot stop a run of millions; the stage reports it.
-    `rows` holds the manifest's `source` and `member` columns (Arrow arrays or sequences)."""
+    """Item (i, source, member) -> (i, uint8 image, reason).
 
-    def __init__(
-        self,
-        rows: dict[str, Sequence[Any]],
-        crop: int,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        resize_on_device: bool = False,
-    ) -> None:
-        self.sources = rows["source"]
-        self.members = rows["member"]
+    The batch sampler hands each worker the rows it needs (manifest index, file or tar path, tar member),
+    so the dataset holds no manifest: it pickles to a few bytes for spawn/forkserver workers, whatever the
+    manifest's size. A row that cannot be read or decoded gives a zero image and its reason code instead of
+    raising, so one bad file cannot stop a run of millions; the stage reports it.
+    """
+
+    def __init__(self, crop: int, max_pixels: int = DEFAULT_MAX_PIXELS, resize_on_device: bool = False) -> None:
         self.crop = crop
         self.max_pixels = max_pixels
         self.resize_on_device = resize_on_device
         self.to_tensor = v2.PILToTensor()
         self.resize_crop = resize_crop(crop)
 
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+    def __getitem__(self, item: tuple[int, str, str | None]) -> tuple[int, torch.Tensor, str]:
+        i, source, member = item
         try:
-            data = read_record_bytes({"source": _value(self.sources[i]), "member": _value(self.members[i])})
+            data = read_record_bytes({"source": source, "member": member})
             img = self.to_tensor(pre_reduce(decode_rgb(data, self.max_pixels), self.crop))
             return i, (img if self.resize_on_device else self.resize_crop(img)), ""
         except DecodeError as exc:
@@ -119,10 +113,6 @@ class ManifestImages(Dataset):
         except OSError as exc:  # file gone or unreadable since ingest
             reason = f"unreadable: {exc.__class__.__name__}"
         return i, torch.zeros(3, self.crop, self.crop, dtype=torch.uint8), reason
-
-
-def _value(v: Any) -> Any:
-    return v.as_py() if hasattr(v, "as_py") else v  # an Arrow scalar, or a plain value
 
 
 def collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, Any, list[str]]:
