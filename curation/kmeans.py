@@ -24,6 +24,36 @@ class KMeansResult:
     gpu: bool
 
 
+KMEANSPP_MAX_K = 2000  # above this, greedy seeding (numpy, CPU) costs more than it saves: faiss' random init
+
+
+def kmeanspp_init(x: np.ndarray, k: int, rng: np.random.Generator, sample: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeds (D^2 sampling) from a random subsample of x (default 20 points per centroid).
+
+    faiss seeds with k random points, which on uneven data puts several seeds in one big component and
+    none in a small one; Lloyd iterations rarely repair that. Cost: O(k * log k * sample * d).
+    """
+    n = len(x)
+    m = min(n, sample or max(20 * k, 1000))
+    pts = np.asarray(x[np.sort(rng.choice(n, size=m, replace=False))] if m < n else x, dtype=np.float32)
+    seeds = np.empty((k, pts.shape[1]), dtype=np.float32)
+    seeds[0] = pts[rng.integers(m)]
+    sq = (pts * pts).sum(1)
+    d2 = np.maximum(sq - 2 * pts @ seeds[0] + seeds[0] @ seeds[0], 0)
+    trials = 2 + int(np.log(k))  # greedy k-means++ (as scikit-learn): best of a few D^2 draws per seed
+    for i in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            cand = rng.integers(m, size=1)
+        else:
+            cand = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(0, m - 1)
+        c = pts[cand]  # [trials, d]
+        new_d2 = np.minimum(d2[None, :], np.maximum(sq[None, :] - 2 * c @ pts.T + (c * c).sum(1)[:, None], 0))
+        best = int(np.argmin(new_d2.sum(1)))
+        seeds[i], d2 = c[best], new_d2[best]
+    return seeds
+
+
 def train_centroids(
     x: np.ndarray,
     k: int,
@@ -33,11 +63,20 @@ def train_centroids(
     gpu: bool | None = None,
     max_points_per_centroid: int = 256,
     init_centroids: np.ndarray | None = None,
+    init: str = "auto",
 ) -> tuple[np.ndarray, float, bool]:
-    """Train k centroids on x (float16/float32 [n, d]); returns (centroids, objective, used_gpu)."""
+    """Train k centroids on x (float16/float32 [n, d]); returns (centroids, objective, used_gpu).
+
+    `init`: "random" (faiss: k random points), "kmeans++" (see kmeanspp_init), or "auto" (k-means++ up to
+    KMEANSPP_MAX_K clusters). `init_centroids` overrides both.
+    """
     n, d = x.shape
     if k < 1 or k > n:
         raise ValueError(f"k-means needs 1 <= k <= n points, got k={k}, n={n}")
+    if init not in ("auto", "random", "kmeans++"):
+        raise ValueError(f"init must be auto, random or kmeans++, got {init!r}")
+    if init_centroids is None and k > 1 and (init == "kmeans++" or (init == "auto" and k <= KMEANSPP_MAX_K)):
+        init_centroids = kmeanspp_init(x, k, np.random.default_rng(seed))
     use_gpu = resolve_gpu(gpu)
     km = faiss.Kmeans(
         d,
@@ -85,10 +124,11 @@ def kmeans(
     seed: int = 0,
     gpu: bool | None = None,
     max_points_per_centroid: int = 256,
+    init: str = "auto",
 ) -> KMeansResult:
     """Spherical k-means of x with k clusters, then every point assigned to its nearest centroid."""
     centroids, obj, used_gpu = train_centroids(
-        x, k, niter=niter, seed=seed, gpu=gpu, max_points_per_centroid=max_points_per_centroid
+        x, k, niter=niter, seed=seed, gpu=gpu, max_points_per_centroid=max_points_per_centroid, init=init
     )
     labels, sims = assign(x, centroids, gpu=used_gpu)
     return KMeansResult(centroids=centroids, assignment=labels, similarity=sims, objective=obj, gpu=used_gpu)

@@ -251,6 +251,7 @@ def run_retrieve(
     index_spec: str = "auto",
     nprobe: int = 32,
     kmeans_iters: int = 20,
+    kmeans_init: str = "auto",
     assign_clusters: bool = True,
     gpu: bool | None = None,
     seed: int = 0,
@@ -264,6 +265,8 @@ def run_retrieve(
     finest first; default [n_clusters, n_clusters // 10]) and uses its finest level as the clusters.
     `assign_clusters` clusters the pool even when every set is sample-based, so `cluster` is filled in.
     `center` subtracts the pool mean from pool and queries first (see `center_embeddings`).
+    `kmeans_init`: "auto" (greedy k-means++ seeds up to 2000 clusters, faiss' random seeds above), "random",
+    "kmeans++".
     """
     out = Path(out)
     if mode not in MODES:
@@ -312,7 +315,7 @@ def run_retrieve(
             lv = tree.levels[0]
             centroids, labels, pool_sim = lv.centroids, lv.assignment, lv.similarity
         else:
-            km = kmeans(pool, k_clusters, niter=kmeans_iters, seed=seed, gpu=gpu)
+            km = kmeans(pool, k_clusters, niter=kmeans_iters, seed=seed, gpu=gpu, init=kmeans_init)
             centroids, labels, pool_sim = km.centroids, km.assignment, km.similarity
         k_clusters = len(centroids)
         timings["cluster_pool"] = time.perf_counter() - t
@@ -390,7 +393,7 @@ def run_retrieve(
             "clustering": clustering, "min_queries": min_queries, "per_cluster": per_cluster,
             "per_source_cap": per_source_cap, "selection": selection, "target_size": target_size,
             "index_spec": index.spec if index is not None else index_spec, "nprobe": nprobe,
-            "kmeans_iters": kmeans_iters, "seed": seed, "center": center,
+            "kmeans_iters": kmeans_iters, "kmeans_init": kmeans_init, "seed": seed, "center": center,
         },
         "gpu": used_gpu,
         "counts": counts,

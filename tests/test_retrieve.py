@@ -139,7 +139,7 @@ def test_run_retrieve_auto_mode_writes_table_and_report(pool_dir):
     out = tmp / "retrieved"
     m = run_retrieve(
         tmp / "pool_emb", [tmp / "q_big", tmp / "q_small"], tmp / "ingest", out,
-        sample_threshold=20, k=4, n_clusters=6, per_cluster=1000, seed=0,
+        sample_threshold=20, k=4, n_clusters=3, per_cluster=1000, seed=0,
     )
     assert is_complete(out)
     assert m["query_sets"]["q_big"]["mode"] == "sample"
@@ -155,7 +155,7 @@ def test_run_retrieve_auto_mode_writes_table_and_report(pool_dir):
     assert small_rows and big_rows
     assert {blob_of[r["id"]] for r in small_rows} == {2}  # the small set pulls in only its blob
     assert {blob_of[r["id"]] for r in big_rows} == {1}
-    assert len(small_rows) == 50  # every image of the clusters holding its queries
+    assert len(small_rows) == 50  # every image of the cluster holding its queries (3 clusters = the 3 blobs)
     assert sum(len(r["queries"]) > 1 for r in rows) == m["counts"]["collisions"]
     assert sum(len(r["queries"]) > 1 for r in big_rows) > 0  # 30 queries x 4 neighbours in one blob of 150
     for r in rows:
@@ -247,3 +247,20 @@ def test_gpu_index_and_kmeans_match_cpu():
         assert gpu.gpu and np.mean(a[:, 0] == b[:, 0]) > 0.9
     km = kmeans(x, 20, gpu=True)
     assert km.gpu and len(np.unique(km.assignment)) == 20
+
+
+def test_kmeanspp_seeds_find_small_components_random_seeds_miss():
+    from curation.kmeans import kmeanspp_init
+
+    rng = np.random.default_rng(8)
+    centers = _centers(rng, 6)
+    x, blob = blob_vectors(rng, centers, [2000, 2000, 2000, 60, 60, 60], spread=0.005)
+    seeds = kmeanspp_init(x, 6, np.random.default_rng(0))
+    nearest = np.argmax(seeds @ centers.T, axis=1)
+    assert sorted(nearest.tolist()) == list(range(6))  # one seed per component, small ones included
+    def components_found(init):
+        km = kmeans(x.astype(np.float16), 6, init=init, seed=0)
+        return len({tuple(sorted(set(blob[km.assignment == c].tolist()))) for c in range(6)})
+
+    assert components_found("kmeans++") == 6
+    assert components_found("random") < 6  # 6 random seeds almost never land in the three 1% components

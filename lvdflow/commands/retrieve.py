@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="faiss index_factory string for sample mode, or auto (Flat / IVF,Flat / IVF,PQ by pool size)")
     p.add_argument("--nprobe", type=_count, default=32, help="IVF lists searched per query (default: %(default)s)")
     p.add_argument("--kmeans-iters", type=_count, default=20)
+    p.add_argument("--kmeans-init", choices=["auto", "random", "kmeans++"], default="auto",
+                   help="k-means seeding: auto = k-means++ up to 2000 clusters, random above (default: %(default)s)")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when present)")
     p.add_argument("--center", action="store_true",
                    help="subtract the pool mean from all embeddings first (for weak or untrained embedders)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "clustering": args.clustering, "hierarchical_levels": args.levels, "min_queries": args.min_queries,
         "per_cluster": args.per_cluster, "per_source_cap": args.per_source_cap, "selection": args.selection,
         "target_size": args.target_size, "index_spec": args.index, "nprobe": args.nprobe,
-        "kmeans_iters": args.kmeans_iters, "gpu": {"auto": None, "yes": True, "no": False}[args.gpu],
+        "kmeans_iters": args.kmeans_iters, "kmeans_init": args.kmeans_init, "gpu": {"auto": None, "yes": True, "no": False}[args.gpu],
         "seed": args.seed, "report": not args.no_report, "center": args.center,
     }
     from flows.retrieve import retrieve_flow
