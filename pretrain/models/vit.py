@@ -202,6 +202,9 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        # The token stream keeps the patch embedding's dtype: under bf16 autocast it is bf16 end to end
+        # (as with bf16 parameters under FSDP2). The official code concatenates the fp32 CLS token without a
+        # cast, which promotes its stream to fp32 under autocast; in fp32 the two are bit-identical.
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
         x = x + self.interpolate_pos_encoding(x, h, w)
         if self.register_tokens is not None:
