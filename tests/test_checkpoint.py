@@ -175,6 +175,7 @@ class _Evil:
         return (print, ("code ran",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_refuses_pickled_code(tmp_path):
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"cls_token": _Evil()}))
     with pytest.raises(UserError, match="weights_only"):
