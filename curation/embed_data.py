@@ -52,9 +52,19 @@ def resize_crop(crop: int) -> v2.Compose:
     )
 
 
+class PreReduce:
+    """`pre_reduce` as a picklable transform (for spawned DataLoader workers)."""
+
+    def __init__(self, crop: int) -> None:
+        self.crop = crop
+
+    def __call__(self, img: Any) -> Any:
+        return pre_reduce(img, self.crop)
+
+
 def eval_transform_uint8(crop: int) -> v2.Compose:
     """PIL RGB image -> uint8 tensor (3, crop, crop): the whole geometric part of the eval transform."""
-    return v2.Compose([v2.Lambda(lambda im: pre_reduce(im, crop)), v2.PILToTensor(), resize_crop(crop)])
+    return v2.Compose([PreReduce(crop), v2.PILToTensor(), resize_crop(crop)])
 
 
 def normalise_batch() -> v2.Compose:

@@ -78,8 +78,10 @@ def test_embeddings_match_the_model_and_cover_the_manifest(tmp_path, weights):
 
 
 def test_eval_transform_resizes_short_side_and_crops():
+    import pickle
+
     img = Image.new("RGB", (300, 150), (255, 0, 0))
-    t = eval_transform_uint8(224)(img)
+    t = pickle.loads(pickle.dumps(eval_transform_uint8(224)))(img)  # picklable, for spawned workers
     assert t.shape == (3, 224, 224) and t.dtype == torch.uint8
     x = normalise_batch()(t[None])
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225]))
