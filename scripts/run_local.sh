@@ -13,16 +13,26 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PATH="$PWD/.venv/bin:$PATH"
 mkdir -p "$PREFECT_HOME"
 
+# Quiet on success; on failure show what the command said.
+quiet() {
+  local out
+  if ! out=$("$@" 2>&1); then
+    echo "failed: $*" >&2
+    echo "$out" | tail -n 20 >&2
+    return 1
+  fi
+}
+
 if ! prefect server status >/dev/null 2>&1; then
   echo "starting the Prefect server on 127.0.0.1:${PORT} (about 20 s on a fresh database)"
   prefect server start --host 127.0.0.1 --port "$PORT" --background >/dev/null
 fi
-prefect server status --wait --timeout 240 >/dev/null
+quiet prefect server status --wait --timeout 240
 
-prefect work-pool create lvdflow-local --type process --overwrite >/dev/null
+quiet prefect work-pool create lvdflow-local --type process --overwrite
 # The production deployment targets a GPU pool; its runs wait there until a GPU host starts a worker.
-prefect work-pool create lvdflow-gpu --type process --overwrite >/dev/null
-prefect deploy --all --no-prompt >/dev/null
+quiet prefect work-pool create lvdflow-gpu --type process --overwrite
+quiet prefect deploy --all --no-prompt
 
 # Job control on: without it bash starts background jobs with SIGINT ignored, and the worker (which turns
 # SIGTERM into SIGINT for itself) would then never stop.
