@@ -10,6 +10,7 @@ from pretrain.masking import MaskingGenerator, collate_crops
 from pretrain.meta_arch import SSLMetaArch
 from pretrain.models.vit import build_vit
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny tensors: one thread avoids OpenMP spin-waits that make them crawl on a loaded 2-core box.
@@ -17,7 +18,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def _meta(**kw):

@@ -17,6 +17,7 @@ from pretrain.metrics_log import read_metrics
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import tiny_config, toy_images  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny tensors: one thread avoids OpenMP spin-waits that make them crawl on a loaded 2-core box.
@@ -24,7 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope="module")
