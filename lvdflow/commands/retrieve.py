@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-threshold", type=_count, default=1_000_000, help="default: %(default)s")
     p.add_argument("--k", type=_count, default=4, help="neighbours per query in sample mode (default: %(default)s)")
     p.add_argument("--clusters", type=_count, default=None, help="k-means clusters (default: pool size / 100)")
-    p.add_argument("--clustering", choices=["kmeans", "hierarchical"], default="kmeans")
+    p.add_argument("--clustering", choices=["kmeans", "hierarchical"], default="kmeans",
+                   help="flat faiss k-means, or hierarchical k-means with resampling for the cluster mode")
     p.add_argument("--levels", type=_count, nargs="+", default=None,
                    help="hierarchical k-means cluster counts, finest first (default: clusters, clusters/10)")
     p.add_argument("--min-queries", type=int, default=3,
@@ -48,13 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="auto",
                    help="faiss index_factory string for sample mode, or auto (Flat / IVF,Flat / IVF,PQ by pool size)")
     p.add_argument("--nprobe", type=_count, default=32, help="IVF lists searched per query (default: %(default)s)")
-    p.add_argument("--kmeans-iters", type=_count, default=20)
+    p.add_argument("--kmeans-iters", type=_count, default=20, help="Lloyd iterations of k-means (default: %(default)s)")
     p.add_argument("--kmeans-init", choices=["auto", "random", "kmeans++"], default="auto",
                    help="k-means seeding: auto = k-means++ up to 2000 clusters, random above (default: %(default)s)")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when present)")
     p.add_argument("--center", action="store_true",
                    help="subtract the pool mean from all embeddings first (for weak or untrained embedders)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means, sampling and the report (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="skip the image-grid report")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
