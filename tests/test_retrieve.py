@@ -264,3 +264,17 @@ def test_kmeanspp_seeds_find_small_components_random_seeds_miss():
 
     assert components_found("kmeans++") == 6
     assert components_found("random") < 6  # 6 random seeds almost never land in the three 1% components
+
+
+def test_cli_bad_inputs_fail_in_one_line(tmp_path, capsys):
+    from lvdflow.cli import main
+
+    assert main(["retrieve", "--pool-embeddings", str(tmp_path / "no"), "--pool-manifest", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "pool embeddings does not exist" in capsys.readouterr().err
+    (tmp_path / "emb").mkdir()
+    assert main(["retrieve", "--pool-embeddings", str(tmp_path / "emb"), "--pool-manifest", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "needs --queries" in capsys.readouterr().err
+    assert main(["shard", str(tmp_path / "emb"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither retrieved.parquet nor manifest.parquet" in capsys.readouterr().err
