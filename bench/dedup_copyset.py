@@ -10,7 +10,8 @@ Originals come from two kinds of real image:
   is one family's original. Hard negatives, defined: two regions of one photo share the camera, light,
   colours and textures but not a single pixel, so an image of one region's family and an image of another
   region's family are NOT copies, though a global descriptor finds them alike.
-- clipart (Debian's openclipart-png): one drawing per family.
+- clipart (Debian's openclipart-png; openclipart-svg, when installed, screens out broken renders): one
+  drawing per family.
 Distractors: further clipart and Dungeon Crawl tiles (crawl-tiles-data), unedited singletons.
 """
 
@@ -20,6 +21,7 @@ import glob
 import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +152,22 @@ def _thumb(img: Image.Image) -> np.ndarray:
     return t / (np.linalg.norm(t) + 1e-6)
 
 
+_EXTERNAL_IMAGE = re.compile(rb'<image\b[^>]*?href="(?!data:)')
+
+
+def _links_missing_image(path: str) -> bool:
+    """True when the drawing's SVG (openclipart-svg, when installed) links an external bitmap.
+
+    Those links are not shipped, so the PNG render shows a "Linked Image Not Found" placeholder: every
+    such drawing shares that placeholder, i.e. they are genuine partial copies of each other.
+    """
+    svg = Path(path.replace("/openclipart/png/", "/openclipart/svg/")).with_suffix(".svg")
+    try:
+        return bool(_EXTERNAL_IMAGE.search(svg.read_bytes()))
+    except OSError:
+        return False
+
+
 def _series(path: str) -> str:
     """The series of a drawing: its folder, cut to three levels below openclipart's png/ root."""
     parts = Path(path).parent.parts
@@ -178,7 +196,7 @@ class _Screen:
     def accept(self, img: Image.Image, path: str | None = None) -> bool:
         if path is not None:
             folder = _series(path)
-            if folder in self.folders:
+            if folder in self.folders or _links_missing_image(path):
                 return False
         t = _thumb(img)
         if self.thumbs and float(np.max(np.stack(self.thumbs) @ t)) > 0.9:

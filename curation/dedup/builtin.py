@@ -27,9 +27,9 @@ from curation.dedup.vlad import Vlad, train_codebook
 
 class BuiltinDescriptor(Descriptor):
     name = "builtin"
-    # Geometric verification costs milliseconds per pair: verify each image's best 16 VLAD neighbours
+    # Geometric verification costs milliseconds per pair: verify each image's best 24 VLAD neighbours
     # (copies chain through components, so a family needs only a connected set of verified edges).
-    max_candidates = 16
+    max_candidates = 24
 
     def __init__(self, *, side: int = 448, max_keypoints: int = 400, codebook: int = 32,
                  pca_dim: int = 256, pca_above: int = 20000, candidate_floor: float = 0.05,
