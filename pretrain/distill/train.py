@@ -166,6 +166,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
         for student in meta.students.values():
             shard_with_fsdp2(student, device)
         shard_teacher_with_fsdp2(meta.teacher, device)
+    torch.manual_seed(cfg.seed + 1000 * rank())  # per-rank draws (stochastic depth, when a profile turns it on)
     groups = [g for st in meta.students.values()
               for g in param_groups(st.student, num_layers=len(st.student["backbone"].blocks),
                                     layer_decay=cfg.layer_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult)]
