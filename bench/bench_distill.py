@@ -60,6 +60,7 @@ def main() -> int:
     ap.add_argument("--teacher-iters", type=int, default=600)
     ap.add_argument("--iters", type=int, default=300, help="iterations of the distilled and the scratch student")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the student runs (initialisation, crops, order)")
     ap.add_argument("--teacher-heads", default="auto", choices=("auto", "fresh"))
     ap.add_argument("--teacher-set", action="append", default=[], metavar="KEY=JSON",
                     help="override of the teacher's demo profile, e.g. centering=\"sinkhorn_knopp\"")
@@ -84,6 +85,7 @@ def main() -> int:
         shards, eval_train, eval_test = prepare_data(work)
     timings = {"data_prep_s": round(time.perf_counter() - t0, 1)}
     common = {"num_threads": args.threads, "eval_every": 0}
+    student_common = {**common, "seed": args.seed}
     evals = {"eval_train": eval_train, "eval_test": eval_test}
 
     teacher = Path(args.teacher) if args.teacher else work / "teacher"
@@ -98,14 +100,14 @@ def main() -> int:
         timings["teacher_s"] = round(time.perf_counter() - t, 1)
 
     dcfg = load_distill_config(profile_path("distill_demo"),
-                               {**common, "total_iters": args.iters, "teacher_heads": args.teacher_heads})
+                               {**student_common, "total_iters": args.iters, "teacher_heads": args.teacher_heads})
     spec = dcfg.student_specs()[0]
     t = time.perf_counter()
     d = distill(dcfg, fresh(work / "distilled"), teacher=teacher, shards=shards, **evals)
     timings["distill_s"] = round(time.perf_counter() - t, 1)
 
     arch = {k: spec["overrides"][k] for k in ("embed_dim", "depth", "num_heads") if k in spec["overrides"]}
-    scfg = load_config(profile_path("demo"), {**common, "total_iters": args.iters, "arch": spec["arch"], **arch})
+    scfg = load_config(profile_path("demo"), {**student_common, "total_iters": args.iters, "arch": spec["arch"], **arch})
     t = time.perf_counter()
     s = train(scfg, fresh(work / "scratch"), shards=shards, **evals)
     timings["scratch_s"] = round(time.perf_counter() - t, 1)
@@ -131,7 +133,7 @@ def main() -> int:
         "teacher": {"path": str(teacher), "iterations": args.teacher_iters if not args.teacher else None,
                     "arch": d["teacher"], "knn_top1": teacher_knn},
         "student": {"name": spec["name"], "arch": spec["arch"], **arch, "params": d["students"][spec["name"]]["params"]},
-        "iterations": args.iters, "batch_size": dcfg.batch_size_per_rank,
+        "iterations": args.iters, "seed": args.seed, "teacher_heads": args.teacher_heads, "batch_size": dcfg.batch_size_per_rank,
         "knn_top1": {"distilled": distilled, "scratch": scratch, "random_init": rand},
         "distilled_minus_scratch_points": {k: round(distilled[k] - scratch[k], 2) for k in distilled},
         "bar_distilled_beats_scratch": all(distilled[k] > scratch[k] for k in distilled),
