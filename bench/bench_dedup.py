@@ -184,6 +184,9 @@ print(json.dumps({"n": n, "dim": d, "k": k, "index": info, "planted_pairs": copi
                   "seconds": {"generate": round(t1 - t0, 1), "build_index": round(t2 - t1, 1),
                               "knn_search": round(t3 - t2, 1), "components": round(t4 - t3, 2),
                               "total_excluding_generate": round(t4 - t1, 1)},
+                  "cpu_seconds": round(resource.getrusage(resource.RUSAGE_SELF).ru_utime
+                                       + resource.getrusage(resource.RUSAGE_SELF).ru_stime, 1),
+                  "load_avg_at_end": [round(x, 1) for x in __import__("os").getloadavg()],
                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 """
 
