@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faces", action="store_true", help="record face boxes of kept images (column faces) for blurring")
     p.add_argument("--face-min-size", type=_positive, default=24, help="smallest face side in pixels (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for sscd/backbone (default: cuda if present)")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--batch-size", type=_positive, default=64,
+                   help="images per descriptor batch (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="decode/feature threads (default: one per CPU)")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
