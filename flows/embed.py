@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger, task
 
 from curation.embed import DEFAULT_ARCH, run_embed
 from flows.caching import run_stage, stage_cache_key
-from flows.reporting import stage_table
+from flows.reporting import Progress, stage_table
 
 
 @task(name="embed", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
@@ -17,8 +17,10 @@ def embed_task(manifest: str, weights: str | None, out: str, arch: str = DEFAULT
     # A retry (or a rerun after a crash) resumes from the shards already written in <out>.partial.
     log = get_run_logger()
     step = [0]
+    artifact = Progress(f"embedding {manifest}")
 
     def progress(done: int, total: int) -> None:
+        artifact(done, total)
         if done - step[0] >= max(total // 20, 1) or done == total:
             step[0] = done
             log.info("embed: %d/%d images", done, total)

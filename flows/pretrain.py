@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger, task
 
 from flows.caching import run_stage, stage_cache_key
-from flows.reporting import stage_table
+from flows.reporting import image_artifact, stage_table
 from pretrain.run_pretrain import run_pretrain
 
 
@@ -34,4 +36,8 @@ def pretrain_flow(shards: str, out: str, config: str = "demo", overrides: dict |
     get_run_logger().info("pretrain: %s iterations, kNN %s (random init %s)", manifest.get("counts", {}).get("iterations"),
                           manifest.get("knn"), manifest.get("knn_random_init"))
     stage_table("pretrain", manifest, extra)
+    curves = manifest.get("outputs", {}).get("curves")
+    if curves:
+        image_artifact("pretrain-curves", Path(manifest["dir"]) / curves, "Pretraining curves",
+                       "losses, collapse signals and kNN over iterations")
     return manifest

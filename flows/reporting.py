@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 
 
 def _slug(text: str) -> str:
@@ -66,3 +68,25 @@ def image_artifact(key: str, image: Path, title: str, description: str) -> None:
     if image.is_file():
         create_markdown_artifact(key=key, markdown=inline_images(f"# {title}\n\n![{title}]({image.name})\n",
                                                                  image.parent), description=description)
+
+
+class Progress:
+    """A progress artifact for a long stage, updated at most every `every` seconds (and at the end)."""
+
+    def __init__(self, description: str, every: float = 5.0):
+        self.description, self.every = description, every
+        self.artifact_id = None
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        now = time.monotonic()
+        if self.artifact_id is not None and done < total and now - self.last < self.every:
+            return
+        self.last = now
+        pct = min(100.0, 100.0 * done / total)
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(progress=pct, description=self.description)
+        else:
+            update_progress_artifact(artifact_id=self.artifact_id, progress=pct)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from curation.retrieve import run_retrieve
 from flows.caching import run_stage, stage_cache_key
-from flows.reporting import stage_table
+from flows.reporting import markdown_report, stage_table
 
 
 @task(name="retrieve", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
@@ -34,8 +33,6 @@ def retrieve_flow(pool_embeddings: str, query_embeddings: list[str] | None, pool
     get_run_logger().info("retrieve: %d images from a pool of %d for %d queries (%d collisions)",
                           c["retrieved"], c["pool"], c["queries"], c["collisions"])
     stage_table("retrieve", result, extra={f"{name}: mode": s["mode"] for name, s in result["query_sets"].items()})
-    report = Path(result["dir"]) / "report" / "report.md"
-    if report.is_file():
-        create_markdown_artifact(key="retrieve-report", markdown=report.read_text(),
-                                 description=f"curation report (grids in {report.parent})")
+    # Grids of the biggest clusters and of a few queries' neighbours, shown inline in the UI.
+    markdown_report("retrieve-report", Path(result["dir"]) / "report" / "report.md", "curation report")
     return result
