@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from curation.dedup.stage import run_dedup
 from flows.caching import run_stage, stage_cache_key
-from flows.reporting import stage_table
+from flows.reporting import markdown_report, stage_table
 
 
 @task(name="dedup", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
@@ -30,8 +29,6 @@ def dedup_flow(input: str, out: str, references: list[str] | None = None, weight
     c = result["counts"]
     get_run_logger().info("dedup: %d of %d images kept, %d removed", c["kept"], c["images"], c["removed"])
     stage_table("dedup", result)
-    report = Path(result["dir"]) / "report.md"
-    if report.is_file():
-        create_markdown_artifact(key="dedup-report", markdown=report.read_text(),
-                                 description=f"dedup report (grids in {report.parent})")
+    # Grids of the largest duplicate groups and of reference copies, shown inline in the UI.
+    markdown_report("dedup-report", Path(result["dir"]) / "report.md", "dedup report: what was removed and why")
     return result
