@@ -16,6 +16,7 @@ stop:
 	-PREFECT_HOME=$(CURDIR)/.prefect .venv/bin/prefect server stop
 
 bench: setup
+	@scripts/ensure_data_packages.sh --bench
 	.venv/bin/python -m bench.run_all
 
 # Check the last curate-and-pretrain run in the UI with headless Chromium; keeps docs/ui-flow-run.png.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages whose real images the demo data is built from, when missing.
+# --bench adds those the benchmarks draw on (real photos and clipart sources for the copy-detection set).
 set -euo pipefail
 pkgs=(dataset-fashion-mnist openclipart-png crawl-tiles-data)
+if [ "${1:-}" = "--bench" ]; then pkgs+=(mate-backgrounds openclipart-svg); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
