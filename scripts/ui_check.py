@@ -28,12 +28,20 @@ async def _expected(api: str, run_id: str | None) -> tuple[str, dict[str, str]]:
             if not runs:
                 raise SystemExit("ui_check: no curate-and-pretrain run on this server")
             run_id = str(runs[0].id)
-        children = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
-        stages = {}
-        for child in children:
-            flow = await client.read_flow(child.flow_id)
-            stages[flow.name] = str(child.id)
+        # Every stage is a leaf subflow (curate groups some of them): walk the tree of child runs.
+        stages, frontier = {}, [run_id]
+        while frontier:
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = []
+            for child in children:
+                grandchildren = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[str(child.id)])), limit=1)
+                if grandchildren:
+                    frontier.append(str(child.id))
+                else:
+                    flow = await client.read_flow(child.flow_id)
+                    stages[flow.name] = str(child.id)
         return run_id, dict(sorted(stages.items()))
 
 
@@ -49,9 +57,10 @@ async def _check(ui: str, run_id: str, stages: dict[str, str], shot: str) -> lis
         await asyncio.sleep(3)  # let the run graph draw before the screenshot
         await b.screenshot(shot)
         await b.click_text("Subflow Runs")
-        for name in stages:
-            if not await b.wait_for_text(name, timeout=20):
-                missing.append(f"stage {name} in Subflow Runs")
+        for name in ("curate", "pretrain", "evaluate"):
+            if name in stages or name == "curate":
+                if not await b.wait_for_text(name, timeout=20):
+                    missing.append(f"stage {name} in Subflow Runs")
         await b.click_text("Artifacts")
         if not await b.wait_for_text("curate-and-pretrain-report", timeout=20):
             missing.append("artifact curate-and-pretrain-report")
