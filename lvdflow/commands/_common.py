@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -35,3 +36,19 @@ def output_dir(value: str) -> Path:
 def print_result(manifest: dict) -> None:
     """Print the stage's small manifest as JSON: scripts read it, people skim it."""
     print(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return n

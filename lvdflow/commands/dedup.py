@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_path, output_dir, print_result
+from lvdflow.commands._common import existing_path, output_dir, print_result, positive_int
 from lvdflow.errors import UserError
 
 NAME = "dedup"
@@ -21,12 +21,6 @@ def _unit(value: str) -> float:
     return x
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return n
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="a folder of images, or an ingest output (folder with manifest.parquet)")
@@ -42,17 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="similarity at which two pool images are copies (default: %(default)s, LVD-142M)")
     p.add_argument("--reference-threshold", type=_unit, default=0.45,
                    help="similarity to a reference image that drops a component (default: %(default)s, LVD-142M)")
-    p.add_argument("--k", type=_positive, default=64, help="nearest neighbours searched per image (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=64, help="nearest neighbours searched per image (default: %(default)s)")
     p.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
                    help="faiss index (auto: exact up to 200k images, IVF above)")
     p.add_argument("--nsfw", action="store_true", help="quarantine kept images NudeNet scores as NSFW")
     p.add_argument("--nsfw-threshold", type=_unit, default=0.6, help="NSFW score that quarantines (default: %(default)s)")
     p.add_argument("--faces", action="store_true", help="record face boxes of kept images (column faces) for blurring")
-    p.add_argument("--face-min-size", type=_positive, default=24, help="smallest face side in pixels (default: %(default)s)")
+    p.add_argument("--face-min-size", type=positive_int, default=24, help="smallest face side in pixels (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for sscd/backbone (default: cuda if present)")
-    p.add_argument("--batch-size", type=_positive, default=64,
+    p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per descriptor batch (default: %(default)s)")
-    p.add_argument("--threads", type=_positive, default=None, help="decode/feature threads (default: one per CPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="decode/feature threads (default: one per CPU)")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_path, output_dir, print_result
+from lvdflow.commands._common import existing_path, output_dir, print_result, positive_int
 from lvdflow.errors import UserError
 
 NAME = "embed"
@@ -12,12 +12,6 @@ HELP = ("Embed every image of an ingest manifest with a ViT backbone (official D
         ".safetensors or an lvdflow checkpoint). Writes OUT/shards/*.npy (float16, L2-normalised), "
         "OUT/index.parquet (id, shard, row) and OUT/quarantine.parquet; resumes after a crash.")
 
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return n
 
 
 def _non_negative(value: str) -> int:
@@ -37,18 +31,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
     p.add_argument("--arch", default="vit_huge", choices=ARCH_CHOICES,
                    help="architecture for --allow-random-init (default: %(default)s)")
-    p.add_argument("--patch-size", type=_positive, default=14, help="patch size for --allow-random-init")
-    p.add_argument("--img-size", type=_positive, default=224,
+    p.add_argument("--patch-size", type=positive_int, default=14, help="patch size for --allow-random-init")
+    p.add_argument("--img-size", type=positive_int, default=224,
                    help="embedding resolution: resize to 256/224 of it, centre crop (default: %(default)s)")
-    p.add_argument("--num-heads", type=_positive, default=None,
+    p.add_argument("--num-heads", type=positive_int, default=None,
                    help="attention heads, when the checkpoint's are not width/64 (e.g. 16 for timm ViT-H/14)")
     p.add_argument("--allow-random-init", action="store_true",
                    help="without --weights, embed with a seeded random model (smoke tests only)")
-    p.add_argument("--batch-size", type=_positive, default=256, help="images per forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward (default: %(default)s)")
     p.add_argument("--workers", type=_non_negative, default=None,
                    help="decode processes (default: one per CPU on GPU, half the CPUs on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--shard-size", type=_positive, default=50_000,
+    p.add_argument("--shard-size", type=positive_int, default=50_000,
                    help="embeddings per .npy shard, the unit of resumption (default: %(default)s)")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_path, output_dir, print_result
+from lvdflow.commands._common import existing_path, output_dir, print_result, non_negative_int
 from lvdflow.errors import UserError
 
 NAME = "ingest"
@@ -13,12 +13,6 @@ HELP = ("Ingest images from folders (recursive), WebDataset tar shards and .parq
         "rejected input, with its reason).")
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return n
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
@@ -26,11 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(column path/uri/file, or the first column); relative list entries resolve "
                         "against the list's folder")
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
-    p.add_argument("--workers", type=_positive, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="decoding processes (default: one per CPU; 0 decodes in the main process)")
-    p.add_argument("--max-pixels", type=_positive, default=100_000_000,
+    p.add_argument("--max-pixels", type=non_negative_int, default=100_000_000,
                    help="reject images with more pixels than this as decompression bombs (default: %(default)s)")
-    p.add_argument("--min-side", type=_positive, default=16,
+    p.add_argument("--min-side", type=non_negative_int, default=16,
                    help="reject images whose shorter side is below this (default: %(default)s)")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
