@@ -63,9 +63,14 @@ def _decode_pil(data: bytes, ext: str):
     return decode_rgb(data)
 
 
+def _raw_bytes(data: bytes, ext: str) -> bytes:
+    return data
+
+
+# Module-level functions, not lambdas: datasets must pickle for spawn/forkserver DataLoader workers.
 DECODERS: dict[str, Callable[[bytes, str], Any]] = {
     "pil": _decode_pil,
-    "bytes": lambda data, ext: data,
+    "bytes": _raw_bytes,
 }
 
 

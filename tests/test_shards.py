@@ -31,6 +31,12 @@ def manifest(tmp_path):
     return write_manifest(table, tmp_path / "ret" / "retrieved.parquet").parent, table
 
 
+def _mp(num_workers: int) -> dict:
+    # Workers from a fork of this process inherit the threads of the session's Prefect test server
+    # client and die at exit (code 1) once it is running; forkserver workers start from a clean process.
+    return {"multiprocessing_context": "forkserver"} if num_workers else {}
+
+
 def _collate(batch):
     return {k: [b[k] for b in batch] for k in batch[0]}
 
@@ -174,7 +180,7 @@ def test_rank_and_worker_split_covers_every_sample_once(shard_dir, world_size, n
     for rank in range(world_size):
         ds = ShardDataset(root, rank=rank, world_size=world_size, seed=7, shuffle_buffer=4, decode="bytes")
         ds.set_epoch(3)
-        got = [k for b in DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=_collate) for k in b["key"]]
+        got = [k for b in DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=_collate, **_mp(num_workers)) for k in b["key"]]
         assert len(got) == ds.samples_per_rank(3)[rank]
         keys += got
     assert sorted(keys) == sorted(table["id"].to_pylist())
@@ -211,7 +217,7 @@ def test_resume_position_is_exact(shard_dir):
 
     def run(ds, stop=None):
         per_worker: dict[int, list[str]] = {}
-        for n, b in enumerate(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=_collate)):
+        for n, b in enumerate(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=_collate, **_mp(2))):
             if stop is not None and n == stop:
                 break
             for w, k in zip(b["worker"], b["key"]):
@@ -233,7 +239,7 @@ def test_resume_position_is_exact(shard_dir):
     with pytest.raises(ValueError, match="dataloader workers"):
         bad = make()
         bad.load_state_dict(state)
-        next(iter(DataLoader(bad, batch_size=3, num_workers=1, collate_fn=_collate)))
+        next(iter(DataLoader(bad, batch_size=3, num_workers=1, collate_fn=_collate, **_mp(1))))
 
 
 def test_corrupt_shard_is_named_and_skipped_or_raised(shard_dir, tmp_path):
