@@ -7,7 +7,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.caching import run_stage, stage_cache_key
-from flows.reporting import image_artifact, stage_table
+from flows.reporting import TrainingProgress, image_artifact, stage_table
+from lvdflow.stage import work_dir_of
+from pretrain.config import load_config, profile_path
 from pretrain.run_pretrain import run_pretrain
 
 
@@ -15,8 +17,10 @@ from pretrain.run_pretrain import run_pretrain
 def pretrain_task(shards: str, out: str, config: str = "demo", overrides: dict | None = None,
                   eval_train: str | None = None, eval_test: str | None = None, nproc: int = 1) -> dict:
     # No task retries: a failed run resumes from its checkpoint when the flow is run again.
-    return run_pretrain(shards, out, config=config, overrides=overrides, eval_train=eval_train,
-                        eval_test=eval_test, nproc=nproc)
+    total = load_config(profile_path(config), overrides).total_iters
+    with TrainingProgress([work_dir_of(out) / "metrics.jsonl", Path(out) / "metrics.jsonl"], total, f"pretraining {config} ({total} iterations)"):
+        return run_pretrain(shards, out, config=config, overrides=overrides, eval_train=eval_train,
+                            eval_test=eval_test, nproc=nproc)
 
 
 @flow(name="pretrain", log_prints=True)

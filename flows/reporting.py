@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import re
+import threading
 import time
+from contextvars import copy_context
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +94,54 @@ class Progress:
             self.artifact_id = create_progress_artifact(progress=pct, description=self.description)
         else:
             update_progress_artifact(artifact_id=self.artifact_id, progress=pct)
+
+
+class TrainingProgress:
+    """Follows a trainer's `metrics.jsonl` from a thread and mirrors its iteration in a progress artifact.
+
+    The trainer knows nothing of Prefect; it appends one JSON line per logged iteration. This watcher reads
+    the last line every few seconds, inside the task run, and stops when the `with` block ends.
+    """
+
+    def __init__(self, metrics: list[Path], total_iters: int, description: str, every: float = 10.0):
+        # Several candidate paths: the work directory while training, the published one afterwards.
+        self.metrics, self.total, self.every = [Path(m) for m in metrics], max(1, int(total_iters)), every
+        self.progress = Progress(description, every=0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _last_iteration(self) -> int | None:
+        for path in self.metrics:
+            it = self._last_iteration_in(path)
+            if it is not None:
+                return it
+        return None
+
+    @staticmethod
+    def _last_iteration_in(path: Path) -> int | None:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                lines = f.read().splitlines()
+            return int(json.loads(lines[-1])["iteration"]) + 1 if lines else None
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+
+    def _run(self) -> None:
+        ctx = copy_context()  # the task run's context, so artifacts attach to it
+        while not self._stop.wait(self.every):
+            it = self._last_iteration()
+            if it is not None:
+                ctx.run(self.progress, it, self.total)
+
+    def __enter__(self) -> "TrainingProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        it = self._last_iteration()
+        if it is not None:
+            self.progress(it, self.total)

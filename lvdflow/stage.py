@@ -21,9 +21,14 @@ SUCCESS = "_SUCCESS"
 MANIFEST = "stage.json"
 
 
+def work_dir_of(out: Path) -> Path:
+    """Where `work_dir(out)` builds the output (without creating it)."""
+    return Path(str(Path(out)) + ".partial")
+
+
 def work_dir(out: Path, *, fresh: bool = False) -> Path:
     """The in-progress directory for `out`. `fresh=True` discards what an earlier run left."""
-    work = Path(str(Path(out)) + ".partial")
+    work = work_dir_of(out)
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
