@@ -45,6 +45,17 @@ def _prefect_console_on_real_stderr():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits that make them crawl on a loaded 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A temporary Prefect server and result store for the whole session (flow and cache tests)."""

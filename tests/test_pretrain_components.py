@@ -14,13 +14,7 @@ from pretrain.param_groups import apply_schedules, layer_id, param_groups
 from pretrain.schedules import build_schedules, cosine_schedule, scaled_lr
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits that make them crawl on a loaded 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- heads -------------------------------------------------------------------------------------------

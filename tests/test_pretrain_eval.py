@@ -17,13 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import toy_images  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits that make them crawl on a loaded 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _clusters(n_per_class=30, n_classes=3, dim=16, noise=0.1, seed=0):

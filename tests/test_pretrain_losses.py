@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from pretrain.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits that make them crawl on a loaded 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_dino_loss_known_value_uniform_student():
