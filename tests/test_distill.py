@@ -22,8 +22,10 @@ from pretrain.train import build_augmentation, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import ListStream, tiny_config, toy_images  # noqa: E402
-# The trainer tests' helpers: a stream that dies like a killed process, a free port, one torch thread.
-from test_pretrain_train import Crash, CrashingStream, _free_port, _one_thread  # noqa: E402,F401
+# The trainer tests' helpers: a stream that dies like a killed process, a free port.
+from test_pretrain_train import Crash, CrashingStream, _free_port  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
