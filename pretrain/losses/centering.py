@@ -61,3 +61,31 @@ def ema_update_center(center: torch.Tensor, teacher_logits: torch.Tensor, moment
     if n.item() == 0:
         return  # nothing masked anywhere this step: keep the centre
     center.mul_(momentum).add_(s / n, alpha=1 - momentum)
+
+
+class CenteredTargets(torch.nn.Module):
+    """What the DINO and iBOT losses share: the (1, K) centre buffer, owned once, and the teacher targets.
+
+    Subclasses add their cross-entropy; iBOT overrides `sinkhorn_knopp_teacher` to balance over the global
+    count of masked tokens.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Targets with the current centre; call `update_center` afterwards with the same logits."""
+        return softmax_centered(teacher_logits, self.center, teacher_temp)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float,
+                               n_iterations: int = 3) -> torch.Tensor:
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        ema_update_center(self.center, teacher_logits, self.center_momentum)

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pretrain.distributed import all_reduce_sum
-from pretrain.losses.centering import ema_update_center, sinkhorn_knopp, softmax_centered
+from pretrain.losses.centering import CenteredTargets, sinkhorn_knopp
 
 
-class IBOTPatchLoss(nn.Module):
-    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, patch_out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return softmax_centered(teacher_logits, self.center, teacher_temp)
+class IBOTPatchLoss(CenteredTargets):
+    """iBOT on masked patch tokens; same defaults and centre buffer as DINOLoss."""
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float,
@@ -27,10 +18,6 @@ class IBOTPatchLoss(nn.Module):
         # Ranks mask different numbers of patches: the balance is over the global count of masked tokens.
         n_total = all_reduce_sum(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
         return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples_total=n_total)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        ema_update_center(self.center, teacher_logits, self.center_momentum)
 
     def forward_masked(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                        masks_weight: torch.Tensor, n_images: int) -> torch.Tensor:
