@@ -24,6 +24,8 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,6 +40,7 @@ from curation.decode import DEFAULT_MAX_PIXELS
 from curation.embed_data import DeviceTransform, ManifestImages, collate, worker_init
 from curation.ingest import read_manifest_table
 from lvdflow.errors import UserError
+from lvdflow.parts import MapUnits, in_daemon_process
 from lvdflow.stage import dir_digest, file_digest, publish, work_dir, write_json_atomic
 from pretrain.models import VisionTransformer, build_vit, load_backbone
 
@@ -224,73 +227,15 @@ def _collect_failures(work: Path) -> list[dict]:
     return rows
 
 
-def run_embed(
-    manifest_path: str | os.PathLike,
-    weights: str | os.PathLike | None,
-    out: str | os.PathLike,
-    *,
-    arch: str = DEFAULT_ARCH,
-    patch_size: int = 14,
-    img_size: int = 224,
-    num_heads: int | None = None,
-    allow_random_init: bool = False,
-    batch_size: int = 256,
-    num_workers: int | None = None,
-    device: str = "auto",
-    shard_size: int = 50_000,
-    compile: bool | None = None,
-    resize_on_device: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-    stop_after_shards: int | None = None,
-) -> dict[str, Any]:
-    """Embed every image of an ingest manifest (a directory holding manifest.parquet, or the file) into `out`.
-
-    `weights`: a backbone checkpoint (any layout `pretrain.models.load_backbone` reads); the architecture
-    comes from it. Without weights, `allow_random_init=True` builds `arch`/`patch_size` at random (seeded),
-    for smoke tests only. `img_size`: the crop the images are embedded at. `compile` (default: on CUDA)
-    compiles the transformer blocks. `resize_on_device` leaves only decoding to the workers and
-    resizes on the device (curation/embed_data.py; measured slower on an H100 with 16 CPUs, so off). `progress(done, total)` is called after each batch. For tests,
-    `stop_after_shards` returns after that many new shards without publishing (as a crash would).
-    Returns the stage manifest.
-    """
-    if batch_size < 1 or shard_size < 1:
-        raise UserError("batch_size and shard_size must be positive")
-    if img_size % patch_size and weights is None:
-        raise UserError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
-    table = read_manifest_table(manifest_path)
-    manifest_file = Path(manifest_path) / "manifest.parquet" if Path(manifest_path).is_dir() else Path(manifest_path)
-    missing = {"id", "source", "member", "uri"} - set(table.column_names)
-    if missing:
-        raise UserError(f"{manifest_file} lacks the columns {sorted(missing)}: not an ingest manifest")
-    weights_path = Path(weights) if weights is not None else None
-    if weights_path is not None and not weights_path.is_file():
-        raise UserError(f"weights file not found: {weights}")
-    dev = resolve_device(device)
-    model = build_embedder(weights_path, arch=arch, patch_size=patch_size, img_size=img_size,
-                           num_heads=num_heads, allow_random_init=allow_random_init, seed=seed, device=dev)  # fmt: skip
-    if img_size % model.patch_size:
-        raise UserError(f"img_size {img_size} is not a multiple of the model's patch size {model.patch_size}")
-    model_cfg = model.config.to_dict()
-    resize_on_device = bool(resize_on_device)
-    params = {"img_size": img_size, "shard_size": shard_size, "batch_size": batch_size, "device": dev.type,
-              "precision": "bf16-autocast" if dev.type == "cuda" else "fp32", "model": model_cfg,
-              "resize_on_device": resize_on_device,
-              "random_init_seed": None if weights_path else seed}  # fmt: skip
-    out = Path(out)
-    work = _prepare_work(out, _job_identity(manifest_file, weights_path, params))
-
+def _embed_shards(model: VisionTransformer, dev: torch.device, table: pa.Table, todo: list[int], work: Path, *,
+                  shard_size: int, batch_size: int, num_workers: int | None, img_size: int, max_pixels: int,
+                  resize_on_device: bool, compile: bool | None, progress: Callable[[int, int], None] | None,
+                  rows_done: int = 0, stop_after_shards: int | None = None) -> bool:
+    """Embed the manifest rows of shards `todo` and write each shard as soon as its last row is in.
+    Returns True when stopped early by `stop_after_shards` (tests)."""
     # Arrow arrays, not Python lists: millions of Python strings cost ~10x their bytes.
     ids, uris = table.column("id").combine_chunks(), table.column("uri").combine_chunks()
     n = len(ids)
-    n_shards = (n + shard_size - 1) // shard_size
-    done_shards = set(store.completed_shards(work))
-    todo = [s for s in range(n_shards) if s not in done_shards]
-    rows_done = sum(min((s + 1) * shard_size, n) - s * shard_size for s in done_shards if s < n_shards)
-    if done_shards:
-        log.info("embed: resuming, %d of %d shards already complete", len(done_shards), n_shards)
-
     cuda = dev.type == "cuda"
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 32) if cuda else max(1, (os.cpu_count() or 2) // 2)
@@ -365,10 +310,132 @@ def run_embed(
                 stopped = consume(res)
     finally:
         torch.set_num_threads(threads_before)
-    if stopped:
-        return {"stage": "embed", "stopped_early": True, "shards_written": new_shards}
     if acc:
         raise RuntimeError(f"embed: shards {sorted(acc)} incomplete after the loader finished")  # a bug, not input
+    return stopped
+
+
+@dataclass(frozen=True)
+class EmbedUnitSpec:
+    """What a unit of `run_embed` needs to rebuild the job in another process (all picklable)."""
+    manifest: str
+    weights: str | None
+    arch: str
+    patch_size: int
+    img_size: int
+    num_heads: int | None
+    allow_random_init: bool
+    seed: int
+    device: str
+    work: str
+    shard_size: int
+    batch_size: int
+    num_workers: int | None
+    compile: bool | None
+    resize_on_device: bool
+    max_pixels: int
+
+
+def embed_shard_unit(spec: EmbedUnitSpec, shard: int) -> int:
+    """One unit of `run_embed` for another executor: embeds shard `shard` into the job's work directory
+    (a no-op when that shard is already complete). Returns the shard."""
+    work = Path(spec.work)
+    if shard in set(store.completed_shards(work)):
+        return shard
+    dev = resolve_device(spec.device)
+    model = build_embedder(spec.weights, arch=spec.arch, patch_size=spec.patch_size, img_size=spec.img_size,
+                           num_heads=spec.num_heads, allow_random_init=spec.allow_random_init, seed=spec.seed,
+                           device=dev)
+    # A daemonic worker (Dask's) may not start DataLoader workers: decode in this process then.
+    num_workers = 0 if in_daemon_process() else spec.num_workers
+    _embed_shards(model, dev, read_manifest_table(spec.manifest), [shard], work, shard_size=spec.shard_size,
+                  batch_size=spec.batch_size, num_workers=num_workers, img_size=spec.img_size,
+                  max_pixels=spec.max_pixels, resize_on_device=spec.resize_on_device, compile=spec.compile,
+                  progress=None)
+    return shard
+
+
+def run_embed(
+    manifest_path: str | os.PathLike,
+    weights: str | os.PathLike | None,
+    out: str | os.PathLike,
+    *,
+    arch: str = DEFAULT_ARCH,
+    patch_size: int = 14,
+    img_size: int = 224,
+    num_heads: int | None = None,
+    allow_random_init: bool = False,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    device: str = "auto",
+    shard_size: int = 50_000,
+    compile: bool | None = None,
+    resize_on_device: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    stop_after_shards: int | None = None,
+    map_units: MapUnits | None = None,
+) -> dict[str, Any]:
+    """Embed every image of an ingest manifest (a directory holding manifest.parquet, or the file) into `out`.
+
+    `weights`: a backbone checkpoint (any layout `pretrain.models.load_backbone` reads); the architecture
+    comes from it. Without weights, `allow_random_init=True` builds `arch`/`patch_size` at random (seeded),
+    for smoke tests only. `img_size`: the crop the images are embedded at. `compile` (default: on CUDA)
+    compiles the transformer blocks. `resize_on_device` leaves only decoding to the workers and
+    resizes on the device (curation/embed_data.py; measured slower on an H100 with 16 CPUs, so off). `progress(done, total)` is called after each batch. For tests,
+    `stop_after_shards` returns after that many new shards without publishing (as a crash would).
+    `map_units` (lvdflow/parts.py) embeds the shards elsewhere, one unit per shard, each loading the model.
+    Returns the stage manifest.
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise UserError("batch_size and shard_size must be positive")
+    if img_size % patch_size and weights is None:
+        raise UserError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
+    table = read_manifest_table(manifest_path)
+    manifest_file = Path(manifest_path) / "manifest.parquet" if Path(manifest_path).is_dir() else Path(manifest_path)
+    missing = {"id", "source", "member", "uri"} - set(table.column_names)
+    if missing:
+        raise UserError(f"{manifest_file} lacks the columns {sorted(missing)}: not an ingest manifest")
+    weights_path = Path(weights) if weights is not None else None
+    if weights_path is not None and not weights_path.is_file():
+        raise UserError(f"weights file not found: {weights}")
+    dev = resolve_device(device)
+    model = build_embedder(weights_path, arch=arch, patch_size=patch_size, img_size=img_size,
+                           num_heads=num_heads, allow_random_init=allow_random_init, seed=seed, device=dev)  # fmt: skip
+    if img_size % model.patch_size:
+        raise UserError(f"img_size {img_size} is not a multiple of the model's patch size {model.patch_size}")
+    model_cfg = model.config.to_dict()
+    resize_on_device = bool(resize_on_device)
+    params = {"img_size": img_size, "shard_size": shard_size, "batch_size": batch_size, "device": dev.type,
+              "precision": "bf16-autocast" if dev.type == "cuda" else "fp32", "model": model_cfg,
+              "resize_on_device": resize_on_device,
+              "random_init_seed": None if weights_path else seed}  # fmt: skip
+    out = Path(out)
+    work = _prepare_work(out, _job_identity(manifest_file, weights_path, params))
+
+    n = table.num_rows
+    n_shards = (n + shard_size - 1) // shard_size
+    done_shards = set(store.completed_shards(work))
+    todo = [s for s in range(n_shards) if s not in done_shards]
+    rows_done = sum(min((s + 1) * shard_size, n) - s * shard_size for s in done_shards if s < n_shards)
+    if done_shards:
+        log.info("embed: resuming, %d of %d shards already complete", len(done_shards), n_shards)
+
+    if map_units is None:
+        stopped = _embed_shards(model, dev, table, todo, work, shard_size=shard_size, batch_size=batch_size,
+                                num_workers=num_workers, img_size=img_size, max_pixels=max_pixels,
+                                resize_on_device=resize_on_device, compile=compile, progress=progress,
+                                rows_done=rows_done, stop_after_shards=stop_after_shards)
+    else:
+        del model  # each unit loads its own copy where it runs
+        spec = EmbedUnitSpec(str(manifest_file), str(weights_path) if weights_path else None, arch, patch_size,
+                             img_size, num_heads, allow_random_init, seed, device, str(work), shard_size,
+                             batch_size, num_workers, compile, resize_on_device, max_pixels)
+        map_units(partial(embed_shard_unit, spec), todo)
+        stopped = False
+    if stopped:
+        return {"stage": "embed", "stopped_early": True, "shards_written": stop_after_shards}
 
     n_rows = store.write_index(work)
     failures = _collect_failures(work)
@@ -386,7 +453,7 @@ def run_embed(
         "weights": str(weights_path.resolve()) if weights_path else None,
         "params": {k: v for k, v in params.items() if k != "model"},
         "model": model_cfg,
-        "dim": dim,
+        "dim": model_cfg["embed_dim"],
         "counts": {"images": n, "embedded": n_rows, "failed": len(failures), "shards": n_shards},
         "quarantine_reasons": dict(sorted(reasons.items())),
         "outputs": {"index": store.INDEX, "shards": store.SHARD_DIR, "quarantine": QUARANTINE},

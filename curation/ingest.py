@@ -15,6 +15,7 @@ import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from curation.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from curation.sources import Item, iter_source
 from lvdflow.errors import UserError
+from lvdflow.parts import MapUnits
 from lvdflow.stage import file_digest, publish, work_dir, write_json_atomic
 
 MANIFEST = "manifest.parquet"
@@ -88,6 +90,11 @@ def check_item(item: Item, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int =
         "width": info.width, "height": info.height, "format": info.format, "mode": info.mode,
         "frames": info.frames, "bytes": len(data),
     }
+
+
+def check_batch(max_pixels: int, min_side: int, batch: list[Item]) -> list[tuple[str, dict]]:
+    """One unit of `run_ingest` for another executor: checks a batch in this process."""
+    return [check_item(item, max_pixels, min_side) for item in batch]
 
 
 def _check_star(args: tuple[Item, int, int]) -> tuple[str, dict]:
@@ -174,6 +181,8 @@ def run_ingest(
     min_side: int = 16,
     batch_size: int = BATCH,
     progress: Callable[[int], None] | None = None,
+    map_units: MapUnits | None = None,
+    window: int = 16,
 ) -> dict[str, Any]:
     """Ingest `sources` into `out`/manifest.parquet and `out`/quarantine.parquet; returns the stage manifest.
 
@@ -181,6 +190,9 @@ def run_ingest(
     Resumable: each batch of inputs is written as a part file in `<out>.partial/parts/`, and a rerun of the
     same job after a crash (kill -9 included) skips the batches already written. The inputs are enumerated
     in a fixed order, so batch i is the same set of inputs in every run.
+    `map_units` (lvdflow/parts.py) checks the batches elsewhere, `window` batches at a time (tar members
+    travel with their bytes, so the window bounds memory); ids, duplicates and part files are handled
+    here, in batch order, so the manifest is the same whichever executor checked the images.
     """
     if not sources:
         raise UserError("no sources given")
@@ -203,37 +215,61 @@ def run_ingest(
     reasons: dict[str, int] = {}
     seen_ids: set[str] = set()
     good_parts, bad_parts = [], []
-    pool = _Pool((os.cpu_count() or 1) if workers is None else workers)
+    pool = _Pool((os.cpu_count() or 1) if workers is None else workers) if map_units is None else None
     done = resumed = 0
+
+    def check_window(batches: list[list[Item]]) -> list[list[tuple[str, dict]]]:
+        if pool is not None:
+            return [pool.check([(item, max_pixels, min_side) for item in b]) for b in batches]
+        return map_units(partial(check_batch, max_pixels, min_side), batches)
+
+    def record(i: int, checked: list[tuple[str, dict]]) -> None:
+        # In batch order, here in this process: the duplicate check needs every earlier batch's ids.
+        good, bad = [], []
+        for status, row in checked:
+            if status == "ok" and row["id"] in seen_ids:  # the same uri reached through two sources
+                status, row = "bad", {k: row[k] for k in ("uri", "source", "member", "relpath")}
+                row.update(reason="duplicate-entry", detail="the same file was given twice")
+            if status == "ok":
+                seen_ids.add(row["id"])
+                good.append(row)
+            else:
+                reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+                bad.append(row)
+        _write_parquet_atomic(bad, QUARANTINE_SCHEMA, bad_parts[i])
+        _write_parquet_atomic(good, MANIFEST_SCHEMA, good_parts[i])  # last: marks the batch complete
+
+    pending: list[tuple[int, list[Item]]] = []  # batches to check, at most `window` in flight
+
+    def flush() -> None:
+        nonlocal done
+        for (i, batch), checked in zip(pending, check_window([b for _, b in pending])):
+            record(i, checked)
+            done += len(batch)
+            if progress:
+                progress(done)
+        pending.clear()
+
     try:
         for i, batch in enumerate(_batches(items, batch_size)):
             good_part, bad_part = parts / f"manifest-{i:06d}.parquet", parts / f"quarantine-{i:06d}.parquet"
             good_parts.append(good_part)
             bad_parts.append(bad_part)
             if good_part.is_file() and bad_part.is_file():  # written by an earlier, interrupted run
+                flush()
                 seen_ids.update(pq.read_table(good_part, columns=["id"]).column("id").to_pylist())
                 for r in pq.read_table(bad_part, columns=["reason"]).column("reason").to_pylist():
                     reasons[r] = reasons.get(r, 0) + 1
                 resumed += len(batch)
+                done += len(batch)
             else:
-                good, bad = [], []
-                for status, row in pool.check([(item, max_pixels, min_side) for item in batch]):
-                    if status == "ok" and row["id"] in seen_ids:  # the same uri reached through two sources
-                        status, row = "bad", {k: row[k] for k in ("uri", "source", "member", "relpath")}
-                        row.update(reason="duplicate-entry", detail="the same file was given twice")
-                    if status == "ok":
-                        seen_ids.add(row["id"])
-                        good.append(row)
-                    else:
-                        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
-                        bad.append(row)
-                _write_parquet_atomic(bad, QUARANTINE_SCHEMA, bad_part)
-                _write_parquet_atomic(good, MANIFEST_SCHEMA, good_part)  # last: marks the batch complete
-            done += len(batch)
-            if progress:
-                progress(done)
+                pending.append((i, batch))
+                if len(pending) >= (1 if pool is not None else window):
+                    flush()
+        flush()
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
 
     n_good = _concat_parts(good_parts, MANIFEST_SCHEMA, work / MANIFEST)
     n_bad = _concat_parts(bad_parts, QUARANTINE_SCHEMA, work / QUARANTINE)

@@ -33,6 +33,9 @@ CODE_VERSION: dict[str, str] = {
     "evaluate": "1",
 }
 
+# Parameters that choose where a stage runs, not what it writes: changing them must not miss the cache.
+NOT_IDENTITY = {"runner"}
+
 # Files above this size are fingerprinted by (size, mtime) instead of hashed: a multi-GB tar shard is
 # re-read only when it changes on disk.
 _HASH_LIMIT = 64 << 20
@@ -84,7 +87,8 @@ def stage_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     task = ctx.task
     src = hashlib.sha256(task.fn.__code__.co_code).hexdigest()[:12]
     blob = json.dumps(
-        [task.name, CODE_VERSION.get(task.name, "0"), src, {k: _normalise(k, v) for k, v in params.items()}],
+        [task.name, CODE_VERSION.get(task.name, "0"), src,
+         {k: _normalise(k, v) for k, v in params.items() if k not in NOT_IDENTITY}],
         sort_keys=True,
         default=str,
     )

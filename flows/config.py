@@ -26,6 +26,7 @@ class IngestConfig(_Strict):
     workers: int | None = Field(None, description="decoding processes (default: one per CPU)")
     max_pixels: int = Field(100_000_000, description="larger images are quarantined as decompression bombs")
     min_side: int = Field(16, description="images whose shorter side is below this are quarantined")
+    batch_size: int = Field(1024, ge=1, description="inputs per unit of work (and per resumable part file)")
 
 
 class DedupConfig(_Strict):
@@ -80,6 +81,16 @@ class DistillConfig(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
+class RunnerConfig(_Strict):
+    """Where the units of the curation stages run (flows/runners.py)."""
+    kind: Literal["inline", "threads", "processes", "dask", "ray"] = Field(
+        "inline", description="inline: this process; or Prefect task runs on threads, processes, Dask or Ray")
+    workers: int | None = Field(None, ge=1, description="threads / processes / local Dask workers (default: CPUs)")
+    threads_per_worker: int = Field(1, ge=1, description="threads of each local Dask worker process")
+    address: str | None = Field(None, description="Dask scheduler or Ray cluster address; none: start a local one")
+    retries: int = Field(2, ge=0, description="retries of a failed unit (a lost worker, transient I/O)")
+
+
 class PipelineConfig(_Strict):
     run_dir: str = Field("runs/local", description="every stage writes under this folder")
     demo_size: Literal["tiny", "small", "medium"] = "small"
@@ -87,6 +98,7 @@ class PipelineConfig(_Strict):
     queries: list[str] | None = Field(None, description="curated query images; none: the demo queries")
     eval_train: str | None = None
     eval_test: str | None = None
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="where curation stages run their units")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)

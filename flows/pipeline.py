@@ -31,14 +31,15 @@ from flows.shard import shard_flow
 
 def _ingest(sources: list[str], out: Path, cfg: PipelineConfig, refresh: list[str]) -> dict:
     return ingest_flow(sources=sources, out=str(out), workers=cfg.ingest.workers, max_pixels=cfg.ingest.max_pixels,
-                       min_side=cfg.ingest.min_side, refresh=refresh)
+                       min_side=cfg.ingest.min_side, batch_size=cfg.ingest.batch_size, runner=cfg.runner,
+                       refresh=refresh)
 
 
 def _embed(manifest_dir: str, weights: str, out: Path, cfg: PipelineConfig, refresh: list[str]) -> dict:
     e = cfg.embed
     return embed_flow(manifest=str(Path(manifest_dir) / "manifest.parquet"), weights=weights, out=str(out),
                       arch=e.arch, patch_size=e.patch_size, img_size=e.img_size, batch_size=e.batch_size,
-                      num_workers=e.num_workers, device=e.device, refresh=refresh)
+                      num_workers=e.num_workers, device=e.device, runner=cfg.runner, refresh=refresh)
 
 
 @flow(name="curate", log_prints=True)
@@ -100,7 +101,7 @@ def curate(config: PipelineConfig, refresh: list[str] | None = None) -> dict:
                 **r.extra})
     stages["shard"] = shard_flow(source=stages["retrieve"]["dir"], out=str(root / "shards"),
                                  max_count=cfg.shard.max_count, max_bytes=cfg.shard.max_bytes,
-                                 workers=cfg.shard.workers, refresh=refresh)
+                                 workers=cfg.shard.workers, runner=cfg.runner, refresh=refresh)
     stages["_eval"] = {"train": eval_train, "test": eval_test}
     return stages
 

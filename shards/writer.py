@@ -23,6 +23,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 from webdataset import TarWriter
 
 from lvdflow.errors import UserError
+from lvdflow.parts import MapUnits
 from lvdflow.stage import file_digest, is_complete, publish, work_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,7 @@ def run_shard(
     workers: int = 1,
     mtime: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    map_units: MapUnits | None = None,
 ) -> dict:
     """Write the rows of a retrieve or ingest output as WebDataset shards under `out`.
 
@@ -251,6 +254,8 @@ def run_shard(
     original file sizes, plus a per-sample tar overhead). `mtime` is the time stamp stored in the tars:
     fixed by default so identical inputs give byte-identical shards. Unreadable rows and rows whose bytes
     changed since ingest go to errors.parquet, never into a shard.
+    `map_units` (see lvdflow/parts.py) runs the shards elsewhere (one unit per shard); by default they are
+    written here, by `workers` threads.
     """
     if max_count < 1 or max_bytes < 1:
         raise UserError("max_count and max_bytes must be positive")
@@ -272,17 +277,21 @@ def run_shard(
     for p in work.glob("*.tmp"):
         p.unlink()  # torn writes of a killed run
 
-    def one(i: int) -> ShardResult:
-        s, e = plan[i]
-        # Rows as Python dicts one shard at a time: a million-row table would not fit as dicts.
-        return write_shard(work, i, table.slice(s, e - s).to_pylist(), blur=blur, mtime=mtime)
-
     results: list[ShardResult] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for r in pool.map(one, range(len(plan))):
-            results.append(r)
-            if progress:
-                progress(len(results))
+    if map_units is not None:
+        unit = partial(write_planned_shard, str(retrieved_or_manifest), str(work), plan, has_faces, mtime)
+        results = map_units(unit, list(range(len(plan))))
+    else:
+        def one(i: int) -> ShardResult:
+            s, e = plan[i]
+            # Rows as Python dicts one shard at a time: a million-row table would not fit as dicts.
+            return write_shard(work, i, table.slice(s, e - s).to_pylist(), blur=blur, mtime=mtime)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for r in pool.map(one, range(len(plan))):
+                results.append(r)
+                if progress:
+                    progress(len(results))
     index = _write_dataset_index(work, len(plan))
     errors = [e for r in results for e in r.errors]
     pq.write_table(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), work / ERRORS)
@@ -312,6 +321,24 @@ def run_shard(
         "digest": file_digest(work / INDEX),
     }
     return publish(work, out, manifest)
+
+
+@lru_cache(maxsize=2)
+def _cached_input_table(path: str, stamp: tuple) -> pa.Table:
+    return read_input_table(path)
+
+
+def write_planned_shard(source: str, work: str, plan: list[tuple[int, int]], has_faces: bool, mtime: float,
+                        shard: int) -> ShardResult:
+    """One unit of `run_shard` for another process: reads the input table (once per process), writes shard
+    `shard` of `plan` into `work`."""
+    p = Path(source)
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(p.glob("*.parquet"))) if p.is_dir() \
+        else (p.stat().st_mtime_ns, p.stat().st_size)
+    table = _cached_input_table(source, stamp)
+    s, e = plan[shard]
+    return write_shard(Path(work), shard, table.slice(s, e - s).to_pylist(), blur=_blur_hook() if has_faces else None,
+                       mtime=mtime)
 
 
 def _write_dataset_index(work: Path, n_shards: int) -> pa.Table:

@@ -1,0 +1,134 @@
+"""Curation stages split into units that run as Prefect tasks on a Dask cluster (and on threads and
+processes), with outputs identical to the single-process run."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.config import RunnerConfig
+from tests.prefect_helpers import task_states
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def dask_address(prefect_server):
+    """A local Dask cluster of 2 worker processes that report to the test's Prefect server."""
+    from distributed import LocalCluster
+
+    from flows.runners import _worker_env
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env=_worker_env()) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    """Images of several sizes and formats, some broken, a duplicate listing, and a tar shard."""
+    root = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+    folder = root / "folder"
+    folder.mkdir()
+    for i in range(40):
+        size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        img.save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    Image.new("RGB", (8, 8)).save(folder / "tiny.png")
+    with tarfile.open(root / "shard.tar", "w") as tar:
+        for i in range(15):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    return root
+
+
+def _run(flow, **kw):
+    state = flow(return_state=True, **kw)
+    assert state.is_completed(), state
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
+def _tables_equal(a: Path, b: Path) -> None:
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert ta.num_rows == tb.num_rows
+    assert ta.equals(tb), f"{a} != {b}"
+
+
+def _n_parts(states: dict, name: str) -> int:
+    got = states.get(name, [])
+    got = [got] if isinstance(got, str) else got
+    assert all(s == "Completed" for s in got), got
+    return len(got)
+
+
+def test_ingest_on_dask_equals_the_single_process_run(pool, dask_address, tmp_path):
+    from curation.ingest import run_ingest
+    from flows.ingest import ingest_flow
+
+    listing = tmp_path / "again.csv"  # lists a file the folder holds too: a duplicate entry
+    listing.write_text(f"path\n{pool / 'folder' / '000.jpg'}\n")
+    sources = [str(pool / "folder"), str(pool / "shard.tar"), str(listing)]
+    ref = run_ingest(sources, tmp_path / "inline", workers=0, batch_size=8)
+    got, states = _run(ingest_flow, sources=sources, out=str(tmp_path / "dask"), batch_size=8,
+                       runner=RunnerConfig(kind="dask", address=dask_address))
+    assert _n_parts(states, "ingest-part") == -(-ref["counts"]["inputs"] // 8) >= 7
+    assert got["counts"] == ref["counts"] and got["quarantine_reasons"] == ref["quarantine_reasons"]
+    assert {"too-small", "duplicate-entry"} <= set(ref["quarantine_reasons"]) and len(ref["quarantine_reasons"]) >= 3
+    for name in ("manifest.parquet", "quarantine.parquet"):
+        _tables_equal(tmp_path / "inline" / name, tmp_path / "dask" / name)
+
+
+@pytest.fixture(scope="module")
+def manifest(pool, tmp_path_factory) -> Path:
+    from curation.ingest import run_ingest
+
+    out = tmp_path_factory.mktemp("ingested") / "ingest"
+    run_ingest([str(pool / "folder"), str(pool / "shard.tar")], out, workers=0)
+    return out
+
+
+def test_embed_on_dask_equals_the_single_process_run(manifest, dask_address, tmp_path, one_torch_thread):
+    from curation.embed import run_embed
+    from curation.embedding_store import load_embeddings
+    from flows.embed import embed_flow
+
+    kw = dict(arch="vit_small", patch_size=8, img_size=32, num_heads=6, allow_random_init=True, batch_size=8,
+              num_workers=0, device="cpu", shard_size=16)
+    ref = run_embed(manifest, None, tmp_path / "inline", **kw)
+    got, states = _run(embed_flow, manifest=str(manifest), weights=None, out=str(tmp_path / "dask"),
+                       runner=RunnerConfig(kind="dask", address=dask_address), **kw)
+    assert _n_parts(states, "embed-part") == ref["counts"]["shards"] >= 3
+    assert got["counts"] == ref["counts"]
+    ids_a, vec_a = load_embeddings(tmp_path / "inline")
+    ids_b, vec_b = load_embeddings(tmp_path / "dask")
+    assert list(ids_a) == list(ids_b) and len(ids_a) == ref["counts"]["embedded"]
+    np.testing.assert_array_equal(vec_a, vec_b)
+
+
+@pytest.mark.parametrize("kind", ["dask-local", "threads", "processes"])
+def test_shard_on_task_runners_equals_the_single_process_run(manifest, tmp_path, kind):
+    from flows.shard import shard_flow
+    from shards.writer import run_shard
+
+    ref = run_shard(manifest, tmp_path / "inline", max_count=10)
+    # "dask-local": the runner starts (and stops) its own LocalCluster of 2 processes.
+    runner = RunnerConfig(kind="dask" if kind == "dask-local" else kind, workers=2)
+    got, states = _run(shard_flow, source=str(manifest), out=str(tmp_path / kind), max_count=10, runner=runner)
+    assert _n_parts(states, "shard-part") == ref["counts"]["shards"] >= 5
+    assert got["counts"] == ref["counts"]
+    tars = sorted(p.name for p in (tmp_path / "inline").glob("*.tar"))
+    assert tars == sorted(p.name for p in (tmp_path / kind).glob("*.tar"))
+    for name in tars:
+        assert (tmp_path / "inline" / name).read_bytes() == (tmp_path / kind / name).read_bytes(), name
+    _tables_equal(tmp_path / "inline" / "index.parquet", tmp_path / kind / "index.parquet")
