@@ -132,3 +132,16 @@ def test_shard_on_task_runners_equals_the_single_process_run(manifest, tmp_path,
     for name in tars:
         assert (tmp_path / "inline" / name).read_bytes() == (tmp_path / kind / name).read_bytes(), name
     _tables_equal(tmp_path / "inline" / "index.parquet", tmp_path / kind / "index.parquet")
+
+
+def test_shard_on_ray_equals_the_single_process_run(manifest, tmp_path):
+    pytest.importorskip("prefect_ray", reason="the optional 'ray' extra is not installed")
+    from flows.shard import shard_flow
+    from shards.writer import run_shard
+
+    ref = run_shard(manifest, tmp_path / "inline", max_count=10)
+    got, states = _run(shard_flow, source=str(manifest), out=str(tmp_path / "ray"), max_count=10,
+                       runner=RunnerConfig(kind="ray", workers=2))
+    assert _n_parts(states, "shard-part") == ref["counts"]["shards"]
+    for p in sorted((tmp_path / "inline").glob("*.tar")):
+        assert p.read_bytes() == (tmp_path / "ray" / p.name).read_bytes(), p.name
