@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,7 @@ from curation import embedding_store, knn
 from curation.hierarchical_kmeans import balanced_sample, hierarchical_kmeans
 from curation.kmeans import assign, kmeans, members_by_cluster
 from lvdflow.errors import UserError
+from lvdflow.parts import MapUnits
 from lvdflow.stage import file_digest, publish, work_dir
 
 log = logging.getLogger(__name__)
@@ -73,10 +75,56 @@ class Pairs:
 # ---------------------------------------------------------------- the two retrieval rules (pure arrays)
 
 
-def sample_based(index: knn.KnnIndex, queries: np.ndarray, k: int, query_offset: int = 0) -> Pairs:
+def sample_based(index: knn.KnnIndex, queries: np.ndarray, k: int, query_offset: int = 0,
+                 search_batch: int = knn.SEARCH_BATCH) -> Pairs:
     """The k nearest pool images of every query."""
-    sims, ids = knn.search(index, queries, k)
-    q = np.repeat(np.arange(len(queries), dtype=np.int64) + query_offset, k)
+    sims, ids = knn.search(index, queries, k, batch=search_batch)
+    return _hits_to_pairs(sims, ids, k, query_offset)
+
+
+INDEX_FILE = "pool.faiss"
+_LOADED: dict[tuple, object] = {}
+
+
+def search_unit(index_path: str, queries_path: str, k: int, search_batch: int, rows: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """One unit of sample-based retrieval for another executor: queries[rows] against the saved index
+    (read once per process)."""
+    import faiss
+
+    st = os.stat(index_path)
+    key = (index_path, st.st_mtime_ns, st.st_size)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = faiss.read_index(index_path)
+    queries = np.load(queries_path, mmap_mode="r")
+    return knn.search(_LOADED[key], queries[rows[0]:rows[1]], k, batch=search_batch)
+
+
+def sample_based_units(index: knn.KnnIndex, queries: np.ndarray, k: int, query_offset: int, work: Path,
+                       map_units: MapUnits, query_chunk: int, search_batch: int = knn.SEARCH_BATCH) -> Pairs:
+    """`sample_based` with the search split into chunks of queries run by `map_units`. Chunks are whole
+    multiples of `search_batch`, so every faiss call sees the rows it sees in `sample_based`."""
+    import faiss
+
+    index_path = work / INDEX_FILE
+    if not index_path.is_file():
+        cpu = faiss.index_gpu_to_cpu(index.index) if index.gpu else index.index
+        faiss.write_index(cpu, str(index_path) + ".tmp")
+        os.replace(str(index_path) + ".tmp", index_path)
+    queries_path = work / f"queries-{query_offset}.npy"
+    np.save(queries_path, queries)
+    chunk = max(1, -(-query_chunk // search_batch)) * search_batch
+    rows = [(s, min(len(queries), s + chunk)) for s in range(0, len(queries), chunk)]
+    hits = map_units(partial(search_unit, str(index_path), str(queries_path), k, search_batch), rows)
+    queries_path.unlink()
+    sims = np.concatenate([h[0] for h in hits]) if hits else np.zeros((0, k), np.float32)
+    ids = np.concatenate([h[1] for h in hits]) if hits else np.zeros((0, k), np.int64)
+    return _hits_to_pairs(sims, ids, k, query_offset)
+
+
+def _hits_to_pairs(sims: np.ndarray, ids: np.ndarray, k: int, query_offset: int) -> Pairs:
+    q = np.repeat(np.arange(len(ids), dtype=np.int64) + query_offset, k)
     p = ids.reshape(-1)
     keep = p >= 0  # faiss pads with -1 when an IVF probe finds fewer than k
     return Pairs(p[keep], q[keep], (1.0 - sims.reshape(-1)[keep]).astype(np.float32))
@@ -258,6 +306,9 @@ def run_retrieve(
     query_manifests: Sequence[str | os.PathLike] | None = None,
     report: bool = True,
     center: bool = False,
+    map_units: MapUnits | None = None,
+    query_chunk: int = 65_536,
+    search_batch: int = knn.SEARCH_BATCH,
 ) -> dict:
     """Retrieve pool images for the query sets and write retrieved.parquet (see module docstring).
 
@@ -267,6 +318,9 @@ def run_retrieve(
     `center` subtracts the pool mean from pool and queries first (see `center_embeddings`).
     `kmeans_init`: "auto" (greedy k-means++ seeds up to 2000 clusters, faiss' random seeds above), "random",
     "kmeans++".
+    `map_units` (lvdflow/parts.py) runs the kNN search of sample-mode query sets elsewhere, in chunks of
+    `query_chunk` queries against the index saved in the work directory; k-means stays here (faiss spreads
+    it over the cores or GPUs).
     """
     out = Path(out)
     if mode not in MODES:
@@ -342,7 +396,12 @@ def run_retrieve(
                 ti = time.perf_counter()
                 index = knn.build_index(pool, spec=index_spec, nprobe=nprobe, gpu=gpu, seed=seed)
                 timings["build_index"] = time.perf_counter() - ti
-            pairs = sample_based(index, s.vectors, min(k, len(pool_ids)), query_offset=offset)
+            if map_units is None:
+                pairs = sample_based(index, s.vectors, min(k, len(pool_ids)), query_offset=offset,
+                                     search_batch=search_batch)
+            else:
+                pairs = sample_based_units(index, s.vectors, min(k, len(pool_ids)), offset, work, map_units,
+                                           query_chunk, search_batch)
             info = {"mode": "sample", "queries": len(s.ids), "k": k}
         else:
             q_labels, _ = assign(s.vectors, centroids, gpu=gpu)
@@ -363,6 +422,7 @@ def run_retrieve(
         per_set["balanced"] = {"mode": "balanced", "images": int(len(picked)), "seconds": round(time.perf_counter() - t, 3)}
 
     t = time.perf_counter()
+    (work / INDEX_FILE).unlink(missing_ok=True)  # scratch of sample_based_units
     uniq, offsets, merged = merge_collisions(Pairs.concat(parts))
     table = _retrieved_table(uniq, offsets, merged, pool_ids, manifest_table, labels, query_labels, query_set_of, [s.name for s in sets])
     pq.write_table(table, work / RETRIEVED)

@@ -71,7 +71,7 @@ def curate(config: PipelineConfig, refresh: list[str] | None = None) -> dict:
     if dd.enabled:
         stages["dedup"] = dedup_flow(
             input=stages["ingest"]["dir"], out=str(root / "dedup"), references=references or None,
-            weights=dd.weights, refresh=refresh,
+            weights=dd.weights, runner=cfg.runner, refresh=refresh,
             params={"descriptor": dd.descriptor, "threshold": dd.threshold,
                     "reference_threshold": dd.reference_threshold, "k": dd.k, "nsfw": dd.nsfw,
                     "nsfw_threshold": dd.nsfw_threshold, "faces": dd.faces})
@@ -96,7 +96,8 @@ def curate(config: PipelineConfig, refresh: list[str] | None = None) -> dict:
     r = cfg.retrieve
     stages["retrieve"] = retrieve_flow(
         pool_embeddings=stages["embed"]["dir"], query_embeddings=[stages["embed-queries"]["dir"]],
-        pool_manifest=str(Path(pool_manifest) / "manifest.parquet"), out=str(root / "retrieve"), refresh=refresh,
+        pool_manifest=str(Path(pool_manifest) / "manifest.parquet"), out=str(root / "retrieve"), runner=cfg.runner,
+        refresh=refresh,
         params={"mode": r.mode, "k": r.k, "sample_threshold": r.sample_threshold, "n_clusters": r.n_clusters,
                 **r.extra})
     stages["shard"] = shard_flow(source=stages["retrieve"]["dir"], out=str(root / "shards"),

@@ -9,26 +9,31 @@ from prefect import flow, get_run_logger, task
 from curation.retrieve import run_retrieve
 from flows.caching import run_stage, stage_cache_key
 from flows.reporting import markdown_report, stage_table
+from flows.runners import RunnerConfig, unit_executor
 
 
 @task(name="retrieve", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
 def retrieve_task(pool_embeddings: str, query_embeddings: list[str] | None, pool_manifest: str, out: str,
-                  params: dict | None = None, query_manifests: list[str] | None = None) -> dict:
+                  params: dict | None = None, query_manifests: list[str] | None = None,
+                  runner: dict | None = None) -> dict:
     # `params` carries run_retrieve's keyword options; the cache key includes them.
-    return run_retrieve(pool_embeddings, query_embeddings, pool_manifest, out, query_manifests=query_manifests,
-                        **(params or {}))
+    with unit_executor(RunnerConfig.model_validate(runner or {}), "retrieve") as map_units:
+        return run_retrieve(pool_embeddings, query_embeddings, pool_manifest, out, query_manifests=query_manifests,
+                            map_units=map_units, **(params or {}))
 
 
 @flow(name="retrieve", log_prints=True)
 def retrieve_flow(pool_embeddings: str, query_embeddings: list[str] | None, pool_manifest: str, out: str,
                   params: dict | None = None, query_manifests: list[str] | None = None,
-                  refresh: list[str] | None = None) -> dict:
+                  runner: RunnerConfig | None = None, refresh: list[str] | None = None) -> dict:
     """Retrieve pool images for each query set (sample-based kNN or cluster-based k-means; see
-    curation.retrieve) and write retrieved.parquet plus a curation report with image grids."""
+    curation.retrieve) and write retrieved.parquet plus a curation report with image grids.
+    `runner` runs the kNN search of sample-mode query sets as tasks on threads, processes, Dask or Ray."""
     result = run_stage(retrieve_task, out=out, refresh=refresh, pool_embeddings=str(pool_embeddings),
                        query_embeddings=[str(q) for q in query_embeddings] if query_embeddings else None,
                        pool_manifest=str(pool_manifest), params=dict(params or {}),
-                       query_manifests=[str(q) for q in query_manifests] if query_manifests else None)
+                       query_manifests=[str(q) for q in query_manifests] if query_manifests else None,
+                       runner=runner.model_dump() if runner else None)
     c = result["counts"]
     get_run_logger().info("retrieve: %d images from a pool of %d for %d queries (%d collisions)",
                           c["retrieved"], c["pool"], c["queries"], c["collisions"])

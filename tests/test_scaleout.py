@@ -145,3 +145,49 @@ def test_shard_on_ray_equals_the_single_process_run(manifest, tmp_path):
     assert _n_parts(states, "shard-part") == ref["counts"]["shards"]
     for p in sorted((tmp_path / "inline").glob("*.tar")):
         assert p.read_bytes() == (tmp_path / "ray" / p.name).read_bytes(), p.name
+
+
+def test_dedup_on_dask_equals_the_single_process_run(pool, dask_address, tmp_path):
+    from curation.dedup.stage import run_dedup
+    from flows.dedup import dedup_flow
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photo = Image.open(pool / "folder" / "001.png").resize((120, 90))
+    photo.save(folder / "a.png")
+    photo.resize((90, 68)).save(folder / "a_small.png")  # a copy
+    photo.save(folder / "a_again.png")  # an exact duplicate
+    for p in sorted((pool / "folder").glob("*"))[:30]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    params = {"chunk": 8, "threshold": 0.6}
+    ref = run_dedup(folder, tmp_path / "inline", **params)
+    got, states = _run(dedup_flow, input=str(folder), out=str(tmp_path / "dask"), params=params,
+                       runner=RunnerConfig(kind="dask", address=dask_address))
+    assert _n_parts(states, "dedup-part") == -(-33 // 8)
+    assert got["counts"] == ref["counts"] and ref["counts"]["removed"] >= 1
+    _tables_equal(tmp_path / "inline" / "dedup.parquet", tmp_path / "dask" / "dedup.parquet")
+
+
+def test_retrieve_on_dask_equals_the_single_process_run(dask_address, tmp_path):
+    from curation.retrieve import run_retrieve
+    from flows.retrieve import retrieve_flow
+    from tests._retrieval_data import blob_vectors, write_embeddings, write_images, write_manifest
+
+    rng = np.random.default_rng(4)
+    table = write_images(tmp_path / "images", 300, rng)
+    centers = np.linalg.qr(rng.normal(size=(32, 32)))[0][:3]
+    vecs, _ = blob_vectors(rng, centers, [150, 100, 50])
+    write_embeddings(tmp_path / "pool_emb", table["id"].to_pylist(), vecs, shard_size=100)
+    write_manifest(table, tmp_path / "ingest" / "manifest.parquet")
+    queries, _ = blob_vectors(rng, centers, [10, 20, 6])
+    write_embeddings(tmp_path / "q", [f"q{i}" for i in range(36)], queries)
+    args = (str(tmp_path / "pool_emb"), [str(tmp_path / "q")], str(tmp_path / "ingest" / "manifest.parquet"))
+    params = {"mode": "sample", "k": 5, "n_clusters": 3, "query_chunk": 8, "search_batch": 4, "report": False}
+    ref = run_retrieve(*args, tmp_path / "inline", **params)
+    got, states = _run(retrieve_flow, pool_embeddings=args[0], query_embeddings=args[1], pool_manifest=args[2],
+                       out=str(tmp_path / "dask"), params=params,
+                       runner=RunnerConfig(kind="dask", address=dask_address))
+    assert _n_parts(states, "retrieve-part") == 36 // 8 + 1
+    assert got["counts"] == ref["counts"] and ref["counts"]["collisions"] > 0
+    _tables_equal(tmp_path / "inline" / "retrieved.parquet", tmp_path / "dask" / "retrieved.parquet")
+    assert not (tmp_path / "dask" / "pool.faiss").exists()  # scratch removed

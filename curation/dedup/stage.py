@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from curation.dedup.knn import build_index, knn_pairs
 from curation.dedup.scan import scan
 from curation.dedup.selection import decide
 from lvdflow.errors import UserError
+from lvdflow.parts import MapUnits
 from lvdflow.stage import file_digest, publish, work_dir
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,10 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
               threshold: float = DEFAULT_THRESHOLD, reference_threshold: float = DEFAULT_REFERENCE_THRESHOLD,
               k: int = 64, index: str = "auto", nsfw: bool = False, nsfw_threshold: float = 0.6,
               faces: bool = False, face_min_size: int = 24, device: str | None = None,
-              batch_size: int = 64, threads: int | None = None) -> dict[str, Any]:
+              batch_size: int = 64, threads: int | None = None, chunk: int = 256,
+              map_units: MapUnits | None = None) -> dict[str, Any]:
+    """Dedup `input` into `out` (see docs/dedup.md). `map_units` (lvdflow/parts.py) decodes and prepares
+    the descriptors' inputs elsewhere, chunk by chunk; the result is the same as in this process."""
     t0 = time.time()
     if not 0.0 < threshold <= 1.0 or not 0.0 < reference_threshold <= 1.0:
         raise UserError("thresholds must lie in (0, 1]")
@@ -51,14 +56,16 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
     ref_sets = [load_input(r) for r in references]
     refs: list[Record] = [rec for _, recs in ref_sets for rec in recs]
     ref_names = [str(Path(rroot) / rec.path) for rroot, recs in ref_sets for rec in recs]
-    desc = make_descriptor(descriptor, weights, device=device, batch_size=batch_size, threads=threads)
+    # A factory, not just an instance: with `map_units` each worker builds its own descriptor.
+    factory = partial(make_descriptor, descriptor, weights, device=device, batch_size=batch_size, threads=threads)
+    desc = factory()
     out = Path(out)
     work = work_dir(out, fresh=True)  # descriptors are cheap to redo next to a half-written parquet
 
     n, r = len(records), len(refs)
     allrecs = records + refs  # one descriptor space: the built-in codebook is fitted on both
     desc.begin(n + r, work)
-    scanned = scan(allrecs, desc, threads=threads,
+    scanned = scan(allrecs, desc, threads=threads, chunk=chunk, map_units=map_units, factory=factory,
                    progress=lambda d, t: log.info("dedup: described %d/%d images", d, t))
     vecs = desc.finish()
     t_desc = time.time()
