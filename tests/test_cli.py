@@ -41,6 +41,9 @@ def test_help_lists_every_stage_and_explains_every_option():
     (["run", "--profile", "no-such-profile"], "no profile"),
     (["run", "--override", '{"dedup": {"threshold": 7}}'], "dedup.threshold"),
     (["select", "/no/such/ingest", "/tmp", "--out", "x"], "INGEST_DIR does not exist"),
+    (["ingest", "/tmp", "--out", "x", "--runner", "spark"], "invalid choice"),
+    (["ingest", "/tmp", "--out", "x", "--runner", "threads", "--runner-address", "tcp://h:8786"],
+     "--runner-address needs --runner dask"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message):
     proc = subprocess.run(LVDFLOW + args, capture_output=True, text=True, timeout=120)
@@ -62,3 +65,20 @@ def test_ingest_command_runs_the_flow(tmp_path, capsys):
     manifest = json.loads(printed[printed.index("{"): printed.rindex("}") + 1])
     assert manifest["counts"]["images"] == 3 and manifest["quarantine_reasons"] == {"not-an-image": 1}
     assert (Path(manifest["dir"]) / "manifest.parquet").is_file()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_shard_command_on_a_thread_runner_writes_one_task_per_shard(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    assert main(["ingest", str(src), "--out", str(tmp_path / "ingest"), "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["shard", str(tmp_path / "ingest"), "--out", str(tmp_path / "shards"), "--max-count", "2",
+                 "--runner", "threads", "--runner-workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads(printed[printed.index("{"): printed.rindex("}") + 1])
+    assert manifest["counts"]["shards"] == 3 and manifest["counts"]["samples"] == 5
+    assert sorted(p.name for p in Path(manifest["dir"]).glob("*.tar")) == [f"{i:06d}.tar" for i in range(3)]

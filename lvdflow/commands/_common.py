@@ -52,3 +52,33 @@ def non_negative_int(value: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return n
+
+
+RUNNER_KINDS = ("inline", "threads", "processes", "dask", "ray")
+
+
+def add_runner_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the stage's units of work run (flows/runners.py)."""
+    p.add_argument("--runner", choices=RUNNER_KINDS, default="inline",
+                   help="run the stage's units as Prefect tasks on threads, processes, a Dask or a Ray cluster "
+                        "(default: %(default)s, this process)")
+    p.add_argument("--runner-workers", type=positive_int, default=None,
+                   help="threads / processes / local Dask or Ray workers (default: one per CPU)")
+    p.add_argument("--runner-address", default=None,
+                   help="address of a running Dask scheduler (tcp://host:8786) or Ray cluster; default: start one")
+
+
+def runner_config(args: argparse.Namespace):
+    """The RunnerConfig of `add_runner_arguments`' options, or None for the default in-process run."""
+    if args.runner == "inline" and not args.runner_address:
+        return None
+    if args.runner_address and args.runner not in ("dask", "ray"):
+        raise UserError("--runner-address needs --runner dask or --runner ray")
+    if args.runner == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("prefect_ray") is None:
+            raise UserError("--runner ray needs the optional ray extra: pip install -e '.[ray]'")
+    from flows.config import RunnerConfig
+
+    return RunnerConfig(kind=args.runner, workers=args.runner_workers, address=args.runner_address)

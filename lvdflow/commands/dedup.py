@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_path, output_dir, print_result, positive_int
+from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, positive_int, runner_config
 from lvdflow.errors import UserError
 
 NAME = "dedup"
@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per descriptor batch (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None, help="decode/feature threads (default: one per CPU)")
+    add_runner_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
 
@@ -72,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
 
     print_result(dedup_flow(input=str(src), out=str(out), references=[str(r) for r in refs] or None,
                             weights=str(args.weights) if args.weights else None, params=params,
-                            refresh=["dedup"] if args.refresh else None))
+                            runner=runner_config(args), refresh=["dedup"] if args.refresh else None))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_path, output_dir, print_result, positive_int
+from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, positive_int, runner_config
 from lvdflow.errors import UserError
 
 NAME = "embed"
@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--shard-size", type=positive_int, default=50_000,
                    help="embeddings per .npy shard, the unit of resumption (default: %(default)s)")
+    add_runner_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
 
@@ -63,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
                             arch=args.arch, patch_size=args.patch_size, img_size=args.img_size,
                             num_heads=args.num_heads, allow_random_init=args.allow_random_init,
                             batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                            shard_size=args.shard_size, refresh=["embed"] if args.refresh else None))
+                            shard_size=args.shard_size, runner=runner_config(args),
+                            refresh=["embed"] if args.refresh else None))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_path, output_dir, print_result, non_negative_int
+from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, non_negative_int, runner_config
 from lvdflow.errors import UserError
 
 NAME = "ingest"
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reject images with more pixels than this as decompression bombs (default: %(default)s)")
     p.add_argument("--min-side", type=non_negative_int, default=16,
                    help="reject images whose shorter side is below this (default: %(default)s)")
+    add_runner_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
 
@@ -42,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
 
     print_result(ingest_flow(sources=[str(s) for s in sources], out=str(out), workers=args.workers,
                              max_pixels=args.max_pixels, min_side=args.min_side,
-                             refresh=["ingest"] if args.refresh else None))
+                             runner=runner_config(args), refresh=["ingest"] if args.refresh else None))
     return 0

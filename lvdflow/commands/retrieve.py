@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_dir, existing_path, output_dir, print_result
+from lvdflow.commands._common import add_runner_arguments, existing_dir, existing_path, output_dir, print_result, runner_config
 from lvdflow.errors import UserError
 
 NAME = "retrieve"
@@ -57,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="subtract the pool mean from all embeddings first (for weak or untrained embedders)")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means, sampling and the report (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="skip the image-grid report")
+    add_runner_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
 
@@ -83,5 +84,5 @@ def run(args: argparse.Namespace) -> int:
     print_result(retrieve_flow(pool_embeddings=str(pool), query_embeddings=[str(q) for q in queries] or None,
                                pool_manifest=str(manifest), out=str(out), params=params,
                                query_manifests=[str(q) for q in qman] or None,
-                               refresh=["retrieve"] if args.refresh else None))
+                               runner=runner_config(args), refresh=["retrieve"] if args.refresh else None))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_path, output_dir, print_result
+from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, runner_config
 
 NAME = "shard"
 HELP = ("Write the images of a retrieve output (or an ingest manifest) as WebDataset shards OUT/{shard:06d}.tar "
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-count", type=_count, default=10_000, help="samples per shard (default: %(default)s)")
     p.add_argument("--max-bytes", type=_count, default=1 << 30, help="bytes per shard, e.g. 1e9 (default: %(default)s)")
     p.add_argument("--workers", type=_count, default=1, help="shards written in parallel (default: %(default)s)")
+    add_runner_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
 
@@ -37,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from flows.shard import shard_flow
 
     print_result(shard_flow(source=str(source), out=str(out), max_count=args.max_count, max_bytes=args.max_bytes,
-                            workers=args.workers, refresh=["shard"] if args.refresh else None))
+                            workers=args.workers, runner=runner_config(args),
+                            refresh=["shard"] if args.refresh else None))
     return 0
