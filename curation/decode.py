@@ -183,8 +183,11 @@ def read_tar_member(tar_path: str, member: str) -> bytes:
 
 
 def read_record_bytes(row: Mapping[str, Any]) -> bytes:
-    """The original file bytes of a manifest row (a plain file, or a member of a tar shard)."""
+    """The original file bytes of a manifest row (a plain file, or a member of a tar shard); transient I/O
+    errors are retried with backoff (lvdflow/io_retry.py)."""
+    from lvdflow.io_retry import retry_io
+
     member = row.get("member")
     if member:
-        return read_tar_member(row["source"], member)
-    return Path(row["source"]).read_bytes()
+        return retry_io(lambda: read_tar_member(row["source"], member), what=f"reading {row['source']}:{member}")
+    return retry_io(Path(row["source"]).read_bytes, what=f"reading {row['source']}")

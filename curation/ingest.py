@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from curation.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from curation.sources import Item, iter_source
 from lvdflow.errors import UserError
+from lvdflow.io_retry import retry_io
 from lvdflow.parts import MapUnits
 from lvdflow.stage import file_digest, publish, work_dir, write_json_atomic
 
@@ -69,7 +70,7 @@ def check_item(item: Item, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int =
     data = item.data
     if data is None:
         try:
-            data = Path(item.source).read_bytes()
+            data = retry_io(Path(item.source).read_bytes, what=f"reading {item.source}")
         except PermissionError as exc:
             return "bad", {**base, "reason": "unreadable", "detail": f"permission denied: {exc}"}
         except IsADirectoryError:

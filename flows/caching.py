@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from prefect.context import TaskRunContext
 
+from lvdflow.errors import UserError
 from lvdflow.stage import is_complete, read_manifest
 
 # Bump a stage's version when its library code changes what it writes.
@@ -32,6 +33,20 @@ CODE_VERSION: dict[str, str] = {
     "distill": "1",
     "evaluate": "1",
 }
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Bad input (a UserError) fails the same way every time: report it at once instead of retrying."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result could not be read back: retry, as for any other failure
+        return True
+    return not isinstance(exc, UserError)
+
+
+# Stage tasks retry twice, after ~10 s and ~20 s (jittered): enough for a storage hiccup or a lost worker;
+# every stage resumes from what its work directory already holds, so a retry does not redo finished parts.
+STAGE_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 20], "retry_jitter_factor": 0.5,
+                                 "retry_condition_fn": _worth_retrying}
 
 # Parameters that choose where a stage runs, not what it writes: changing them must not miss the cache.
 NOT_IDENTITY = {"runner"}

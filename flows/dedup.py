@@ -7,12 +7,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from curation.dedup.stage import run_dedup
-from flows.caching import run_stage, stage_cache_key
+from flows.caching import STAGE_RETRIES, run_stage, stage_cache_key
 from flows.reporting import markdown_report, stage_table
 from flows.runners import RunnerConfig, unit_executor
 
 
-@task(name="dedup", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="dedup", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
 def dedup_task(input: str, out: str, references: list[str] | None = None, weights: str | None = None,
                params: dict | None = None, runner: dict | None = None) -> dict:
     # Paths are separate arguments so the cache key fingerprints their contents; `params` holds the rest.

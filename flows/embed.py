@@ -5,12 +5,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 
 from curation.embed import DEFAULT_ARCH, run_embed
-from flows.caching import run_stage, stage_cache_key
+from flows.caching import STAGE_RETRIES, run_stage, stage_cache_key
 from flows.reporting import Progress, stage_table
 from flows.runners import RunnerConfig, unit_executor
 
 
-@task(name="embed", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="embed", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
 def embed_task(manifest: str, weights: str | None, out: str, arch: str = DEFAULT_ARCH, patch_size: int = 14,
                img_size: int = 224, num_heads: int | None = None, allow_random_init: bool = False,
                batch_size: int = 256, num_workers: int | None = None, device: str = "auto",

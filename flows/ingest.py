@@ -6,12 +6,12 @@ from prefect import flow, get_run_logger, task
 
 from curation.decode import DEFAULT_MAX_PIXELS
 from curation.ingest import BATCH, run_ingest
-from flows.caching import run_stage, stage_cache_key
+from flows.caching import STAGE_RETRIES, run_stage, stage_cache_key
 from flows.reporting import stage_table
 from flows.runners import RunnerConfig, unit_executor
 
 
-@task(name="ingest", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="ingest", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
 def ingest_task(sources: list[str], out: str, workers: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 16, batch_size: int = BATCH,
                 runner: dict | None = None) -> dict:

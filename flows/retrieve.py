@@ -7,12 +7,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from curation.retrieve import run_retrieve
-from flows.caching import run_stage, stage_cache_key
+from flows.caching import STAGE_RETRIES, run_stage, stage_cache_key
 from flows.reporting import markdown_report, stage_table
 from flows.runners import RunnerConfig, unit_executor
 
 
-@task(name="retrieve", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="retrieve", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
 def retrieve_task(pool_embeddings: str, query_embeddings: list[str] | None, pool_manifest: str, out: str,
                   params: dict | None = None, query_manifests: list[str] | None = None,
                   runner: dict | None = None) -> dict:

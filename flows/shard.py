@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
-from flows.caching import run_stage, stage_cache_key
+from flows.caching import STAGE_RETRIES, run_stage, stage_cache_key
 from flows.reporting import stage_table
 from flows.runners import RunnerConfig, unit_executor
 from shards.writer import run_shard
 
 
-@task(name="shard", cache_key_fn=stage_cache_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="shard", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
 def shard_task(source: str, out: str, max_count: int = 10_000, max_bytes: int = 1 << 30, workers: int = 1,
                runner: dict | None = None) -> dict:
     # A retry (or a rerun after a crash) skips the shards already complete in <out>.partial.
