@@ -1,0 +1,116 @@
+"""kill -9 in the middle of dedup and of shard writing, then a rerun: the same outputs as an uninterrupted
+run, nothing lost or doubled. (Ingest, embed and pretraining have theirs in their own test files.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _images(folder: Path, n: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    base = Image.open(folder / "000.png")
+    base.resize((60, 50)).save(folder / "copy_of_000.png")  # something for dedup to find
+    base.save(folder / "same_as_000.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+def _start(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+
+DEDUP = """
+import logging, sys, time
+from curation.dedup.stage import run_dedup
+
+class Slow(logging.Handler):  # report each described chunk, then dawdle so the kill lands mid-run
+    def emit(self, record):
+        msg = record.getMessage()
+        if "described" in msg:
+            print(msg, flush=True)
+            time.sleep(0.5)
+
+logging.getLogger("curation.dedup.stage").addHandler(Slow())
+logging.getLogger("curation.dedup.stage").setLevel(logging.INFO)
+run_dedup(sys.argv[1], sys.argv[2], chunk=8, threads=1)
+"""
+
+
+def test_killed_dedup_reruns_to_the_same_result(tmp_path):
+    from curation.dedup.stage import run_dedup
+
+    src = _images(tmp_path / "src", 40)
+    reference = run_dedup(src, tmp_path / "ref", chunk=8, threads=1)
+    out = tmp_path / "out"
+    proc = _start(DEDUP, str(src), str(out))
+    line = proc.stdout.readline()  # the first chunk is described: the run is under way
+    _kill(proc)
+    assert "described 8/43" in line, line
+    assert not out.exists(), "a killed dedup must not publish"
+    again = run_dedup(src, out, chunk=8, threads=1)
+    assert again["counts"] == reference["counts"] and again["digest"] == reference["digest"]
+    assert pq.read_table(out / "dedup.parquet").equals(pq.read_table(tmp_path / "ref" / "dedup.parquet"))
+    assert reference["counts"]["removed"] >= 2  # the copy and the exact duplicate
+
+
+SHARD = """
+import sys, time
+import shards.writer as w
+write = w.write_shard
+
+def slow_write(*args, **kwargs):  # report each finished shard, then dawdle so the kill lands mid-run
+    result = write(*args, **kwargs)
+    print(result.shard + 1, flush=True)
+    time.sleep(0.3)
+    return result
+
+w.write_shard = slow_write
+w.run_shard(sys.argv[1], sys.argv[2], max_count=4)
+"""
+
+
+def test_killed_shard_writer_resumes_to_byte_identical_shards(tmp_path):
+    from curation.ingest import run_ingest
+    from shards.writer import run_shard
+
+    src = _images(tmp_path / "src", 40)
+    run_ingest([src], tmp_path / "ingest", workers=0)
+    reference = run_shard(tmp_path / "ingest", tmp_path / "ref", max_count=4)
+    out = tmp_path / "out"
+    proc = _start(SHARD, str(tmp_path / "ingest"), str(out))
+    while (line := proc.stdout.readline()) and int(line) < 3:
+        pass
+    _kill(proc)
+    work = Path(str(out) + ".partial")
+    written = sorted(p.name for p in work.glob("*.tar"))
+    assert 3 <= len(written) < reference["counts"]["shards"], written
+    assert not out.exists()
+    resumed = run_shard(tmp_path / "ingest", out, max_count=4)
+    assert resumed["counts"]["shards_skipped"] >= 3  # the shards of the killed run were kept, not redone
+    assert {k: v for k, v in resumed["counts"].items() if k != "shards_skipped"} == \
+        {k: v for k, v in reference["counts"].items() if k != "shards_skipped"}
+    ref_files = sorted(p.name for p in (tmp_path / "ref").iterdir() if p.suffix in (".tar", ".parquet"))
+    assert ref_files == sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".parquet"))
+    for name in ref_files:
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert not list(out.glob("*.tmp"))
