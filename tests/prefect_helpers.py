@@ -60,3 +60,51 @@ def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = No
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         with get_client(sync_client=True) as client:
             return client.read_flow_run(run_id)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, env: dict, cwd, log_path, timeout: float = 240):
+    """`prefect server start` on 127.0.0.1:`port` in its own process group; returns the process once
+    /api/health answers (a fresh server needs ~20 s, more on a loaded machine)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-ui"], env=env, cwd=cwd, start_new_session=True,
+                              stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200:
+                return server
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            stop_server(server)
+            raise AssertionError(f"server did not become healthy:\n{open(log_path).read()[-3000:]}")
+        time.sleep(1)
+
+
+def stop_server(server, hard: bool = False) -> None:
+    """Stop a `start_server` process group: SIGKILL when `hard` (a crash), else SIGTERM then SIGKILL."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(server.pid, signal.SIGKILL if hard else signal.SIGTERM)
+        server.wait(30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(30)

@@ -9,25 +9,15 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.prefect_helpers import deploy_and_run_local
+from tests.prefect_helpers import deploy_and_run_local, free_port, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin() -> Path | None:
@@ -58,7 +48,7 @@ def postgres():
         shutil.chown(base, "postgres")
         shutil.chown(sock, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     r = subprocess.run(run_as + [str(bindir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust"],
                        capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
@@ -82,27 +72,15 @@ def postgres():
 
 @pytest.mark.slow
 def test_deployment_runs_against_a_postgres_backed_server(postgres, tmp_path):
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": postgres["url"],
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "storage")}
     env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port), "--no-ui"], env=env, cwd=tmp_path,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    server = start_server(port, env, tmp_path, tmp_path / "server.log")
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                if urllib.request.urlopen(f"{api}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not become healthy"
-            time.sleep(1)
         flow_run = deploy_and_run_local(api, str(tmp_path / "run"), ROOT,
                                         env={k: env[k] for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")})
         assert flow_run.state.is_completed(), flow_run.state
@@ -111,8 +89,4 @@ def test_deployment_runs_against_a_postgres_backed_server(postgres, tmp_path):
         assert rows.stdout.strip() == "COMPLETED"  # the run lives in PostgreSQL, not in a SQLite file
         assert not list(home.glob("*.db"))
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
