@@ -69,13 +69,26 @@ class ShardConfig(_Strict):
     workers: int = 1
 
 
-class PretrainConfig(_Strict):
+class _Launch(_Strict):
+    """How training is launched (pretrain/launch.py): in the flow's process, or under torchrun."""
+    nproc: int = Field(1, ge=1, description="processes per node under torchrun (1 and one node: in-process)")
+    nnodes: int = Field(1, ge=1, description="nodes; more than one needs rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (multi-node)")
+    launcher: list[str] = Field(default_factory=list,
+                                description='command prefix that starts torchrun on every node, e.g. '
+                                            '["srun", "--nodes=4", "--ntasks-per-node=1"]')
+
+    def launch_params(self) -> dict[str, Any]:
+        return {"nproc": self.nproc, "nnodes": self.nnodes, "rdzv_endpoint": self.rdzv_endpoint,
+                "launcher": list(self.launcher)}
+
+
+class PretrainConfig(_Launch):
     config: str = Field("demo", description="pretraining profile (pretrain/configs/<name>.yaml) or a path")
     overrides: dict[str, Any] = Field(default_factory=dict)
-    nproc: int = Field(1, ge=1, description="processes under torchrun")
 
 
-class DistillConfig(_Strict):
+class DistillConfig(_Launch):
     enabled: bool = True
     config: str = "distill_demo"
     overrides: dict[str, Any] = Field(default_factory=dict)

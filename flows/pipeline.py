@@ -127,14 +127,15 @@ def curate_and_pretrain(profile: str = "local", config: PipelineConfig | None = 
     p = cfg.pretrain
     stages["pretrain"] = pretrain_flow(shards=stages["shard"]["dir"], out=str(root / "pretrain"), config=p.config,
                                        overrides=p.overrides, eval_train=ev["train"], eval_test=ev["test"],
-                                       nproc=p.nproc, refresh=refresh)
+                                       **p.launch_params(), refresh=refresh)
     pre_dir = Path(stages["pretrain"]["dir"])
     models = {"pretrained teacher": str(pre_dir / stages["pretrain"]["outputs"]["teacher"])}
     if cfg.distill.enabled:
         stages["distill"] = distill_flow(teacher=str(pre_dir / stages["pretrain"]["outputs"]["teacher_with_heads"]),
                                          shards=stages["shard"]["dir"], out=str(root / "distill"),
                                          config=cfg.distill.config, overrides=cfg.distill.overrides,
-                                         eval_train=ev["train"], eval_test=ev["test"], refresh=refresh)
+                                         eval_train=ev["train"], eval_test=ev["test"],
+                                         **cfg.distill.launch_params(), refresh=refresh)
         for name, s in stages["distill"]["students"].items():
             models[f"distilled {name}"] = s["backbone"]
     if ev["train"] and ev["test"]:

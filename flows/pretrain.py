@@ -10,26 +10,34 @@ from flows.caching import run_stage, stage_cache_key
 from flows.reporting import TrainingProgress, image_artifact, stage_table
 from lvdflow.stage import work_dir_of
 from pretrain.config import load_config, profile_path
+from pretrain.launch import Launch
 from pretrain.run_pretrain import run_pretrain
 
 
 @task(name="pretrain", cache_key_fn=stage_cache_key, persist_result=True)
 def pretrain_task(shards: str, out: str, config: str = "demo", overrides: dict | None = None,
-                  eval_train: str | None = None, eval_test: str | None = None, nproc: int = 1) -> dict:
+                  eval_train: str | None = None, eval_test: str | None = None, nproc: int = 1, nnodes: int = 1,
+                  rdzv_endpoint: str | None = None, launcher: list[str] | None = None) -> dict:
     # No task retries: a failed run resumes from its checkpoint when the flow is run again.
     total = load_config(profile_path(config), overrides).total_iters
+    launch = Launch(nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, prefix=list(launcher or []))
+    log = get_run_logger()
     with TrainingProgress([work_dir_of(out) / "metrics.jsonl", Path(out) / "metrics.jsonl"], total, f"pretraining {config} ({total} iterations)"):
         return run_pretrain(shards, out, config=config, overrides=overrides, eval_train=eval_train,
-                            eval_test=eval_test, nproc=nproc)
+                            eval_test=eval_test, launch=launch, on_output=log.info)
 
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(shards: str, out: str, config: str = "demo", overrides: dict | None = None,
-                  eval_train: str | None = None, eval_test: str | None = None, nproc: int = 1,
+                  eval_train: str | None = None, eval_test: str | None = None, nproc: int = 1, nnodes: int = 1,
+                  rdzv_endpoint: str | None = None, launcher: list[str] | None = None,
                   refresh: list[str] | None = None) -> dict:
-    """DINOv2 pretraining on WebDataset shards; the teacher is exported and evaluated with kNN."""
+    """DINOv2 pretraining on WebDataset shards; the teacher is exported and evaluated with kNN.
+    `nproc` > 1 or `nnodes` > 1 trains under torchrun (FSDP2), its output streamed into this flow run's
+    logs; `launcher` prefixes the torchrun command (e.g. srun) to start it on every node."""
     manifest = run_stage(pretrain_task, out=out, refresh=refresh, shards=str(shards), config=str(config),
-                         overrides=overrides or {}, eval_train=eval_train, eval_test=eval_test, nproc=nproc)
+                         overrides=overrides or {}, eval_train=eval_train, eval_test=eval_test, nproc=nproc,
+                         nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, launcher=list(launcher or []))
     extra = {}
     for name in ("knn", "knn_random_init"):
         for k, v in (manifest.get(name) or {}).items():

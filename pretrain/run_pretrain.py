@@ -2,7 +2,7 @@
 
 `run_pretrain(shards, out, config=...)` builds everything in `<out>.partial` (checkpoints included, so a
 killed run continues from its last checkpoint when called again), runs the trainer in this process or,
-with `nproc > 1`, under `torchrun` as a subprocess (FSDP2, one process per rank), evaluates the teacher
+with `nproc > 1` or several nodes, under `torchrun` (pretrain/launch.py; FSDP2, one process per rank), evaluates the teacher
 and the same architecture at random initialisation with kNN when evaluation folders are given, and
 publishes the directory with its manifest.
 
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from lvdflow.errors import UserError
 from lvdflow.stage import file_digest, publish, work_dir
 from pretrain.config import load_config, profile_path
+from pretrain.launch import Launch, torchrun_module
 
 
 def random_init_knn(cfg, eval_train, eval_test) -> dict:
@@ -39,39 +37,30 @@ def random_init_knn(cfg, eval_train, eval_test) -> dict:
     return {k: v for k, v in res.items() if k.startswith("knn_top1")}
 
 
-def _torchrun(nproc: int, cfg_path: Path, shards, work: Path, eval_train, eval_test) -> dict:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        raise UserError("nproc > 1 needs torchrun (part of torch) on PATH")
-    cmd = [torchrun, "--standalone", "--nproc-per-node", str(nproc), "-m", "pretrain.train",
-           "--config", str(cfg_path), "--shards", str(shards), "--out", str(work), "--summary", str(work / "summary.json")]
-    if eval_train and eval_test:
-        cmd += ["--eval-train", str(eval_train), "--eval-test", str(eval_test)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.run(cmd, env=env, cwd=str(Path(__file__).resolve().parent.parent))
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun training failed with exit status {proc.returncode}; rerun to resume "
-                           f"from the last checkpoint in {work / 'checkpoints'}")
-    return json.loads((work / "summary.json").read_text())
-
-
 def run_pretrain(shards: str | os.PathLike, out: str | os.PathLike, *, config: str = "demo",
                  overrides: dict[str, Any] | None = None, eval_train: str | os.PathLike | None = None,
-                 eval_test: str | os.PathLike | None = None, nproc: int = 1, baseline: bool = True) -> dict:
+                 eval_test: str | os.PathLike | None = None, nproc: int = 1, baseline: bool = True,
+                 launch: Launch | None = None, on_output: Callable[[str], None] | None = None) -> dict:
+    """Train into `out` (see the module docstring). `launch` (pretrain/launch.py) runs the trainer under
+    torchrun on one or several nodes, `nproc` alone on this node; `on_output` gets torchrun's output lines."""
     shards, out = Path(shards), Path(out)
     if not shards.is_dir():
         raise UserError(f"shard folder does not exist: {shards}")
     if (eval_train is None) != (eval_test is None):
         raise UserError("give both eval_train and eval_test, or neither")
-    if nproc < 1:
-        raise UserError("nproc must be >= 1")
+    launch = launch or Launch(nproc=nproc)
+    launch.check()
     cfg = load_config(profile_path(config), overrides)
     work = work_dir(out)
     cfg_path = work / "config.requested.json"
     cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    if nproc > 1:
-        summary = _torchrun(nproc, cfg_path, shards, work, eval_train, eval_test)
+    if launch.distributed:
+        args = ["--config", str(cfg_path), "--shards", str(shards), "--out", str(work),
+                "--summary", str(work / "summary.json")]
+        if eval_train and eval_test:
+            args += ["--eval-train", str(eval_train), "--eval-test", str(eval_test)]
+        torchrun_module("pretrain.train", args, launch, on_output, log_dir=work / "torchrun-logs")
+        summary = json.loads((work / "summary.json").read_text())
     else:
         from pretrain.train import train
 
@@ -87,7 +76,8 @@ def run_pretrain(shards: str | os.PathLike, out: str | os.PathLike, *, config: s
     last = summary.get("last", {})
     manifest = {
         "stage": "pretrain",
-        "params": {"config": str(config), "overrides": overrides or {}, "nproc": nproc, "shards": str(shards.resolve())},
+        "params": {"config": str(config), "overrides": overrides or {}, "nproc": launch.nproc,
+                   "nnodes": launch.nnodes, "shards": str(shards.resolve())},
         "counts": {"iterations": summary["iterations_done"], "global_batch": summary["global_batch"],
                    "images_seen": summary["iterations_done"] * summary["global_batch"]},
         "final": {k: last.get(k) for k in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss",

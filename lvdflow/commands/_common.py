@@ -82,3 +82,24 @@ def runner_config(args: argparse.Namespace):
     from flows.config import RunnerConfig
 
     return RunnerConfig(kind=args.runner, workers=args.runner_workers, address=args.runner_address)
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    """How training is launched: in-process, or under torchrun on one or several nodes (pretrain/launch.py)."""
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes per node under torchrun (FSDP2): one per GPU, or CPU processes with gloo "
+                        "(default: 1, in this process)")
+    p.add_argument("--nnodes", type=positive_int, default=1, help="nodes (default: 1); more need --rdzv-endpoint")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous of a multi-node run")
+    p.add_argument("--launcher", default="", metavar="CMD",
+                   help="command that starts torchrun on every node, e.g. 'srun --nodes=4 --ntasks-per-node=1'")
+
+
+def launch_kwargs(args: argparse.Namespace) -> dict:
+    """The flow parameters of `add_launch_arguments`' options, checked."""
+    import shlex
+
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+    return {"nproc": args.nproc, "nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint,
+            "launcher": shlex.split(args.launcher)}

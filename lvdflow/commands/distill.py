@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import existing_dir, existing_path, output_dir, print_result
+from lvdflow.commands._common import add_launch_arguments, existing_dir, existing_path, output_dir, print_result, launch_kwargs
 from lvdflow.errors import UserError
 
 NAME = "distill"
@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(for a teacher whose heads collapsed; default: the profile's)")
     p.add_argument("--eval-train", help="ImageFolder for kNN evaluation of each student at the end")
     p.add_argument("--eval-test", help="ImageFolder of the kNN test split")
+    add_launch_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
 
@@ -77,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
     print_result(distill_flow(teacher=str(teacher), shards=str(shards), out=str(out), config=args.config,
                               overrides=overrides, eval_train=str(evals[0]) if evals else None,
-                              eval_test=str(evals[1]) if evals else None,
+                              eval_test=str(evals[1]) if evals else None, **launch_kwargs(args),
                               refresh=["distill"] if args.refresh else None))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lvdflow.commands._common import existing_dir, output_dir, print_result
+from lvdflow.commands._common import add_launch_arguments, existing_dir, output_dir, print_result, launch_kwargs
 from lvdflow.errors import UserError
 
 NAME = "pretrain"
@@ -31,8 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (published atomically when training completes)")
     p.add_argument("--eval-train", help="ImageFolder of labelled train images for kNN evaluation")
     p.add_argument("--eval-test", help="ImageFolder of labelled test images for kNN evaluation")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes (torchrun, FSDP2); one per GPU, or CPU processes with gloo (default: 1)")
+    add_launch_arguments(p)
     p.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE",
                    help="override a config key (JSON value), e.g. --set total_iters=100; repeatable")
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
@@ -47,13 +46,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give both --eval-train and --eval-test, or neither")
     eval_train = str(existing_dir(args.eval_train, "--eval-train")) if args.eval_train else None
     eval_test = str(existing_dir(args.eval_test, "--eval-test")) if args.eval_test else None
-    if args.nproc < 1:
-        raise UserError("--nproc must be >= 1")
+    launch = launch_kwargs(args)
     overrides = dict(args.overrides)
     load_config(profile_path(args.config), overrides)  # bad keys/values fail here, before Prefect starts
     from flows.pretrain import pretrain_flow
 
     print_result(pretrain_flow(shards=str(shards), out=str(out), config=str(args.config), overrides=overrides,
-                               eval_train=eval_train, eval_test=eval_test, nproc=args.nproc,
+                               eval_train=eval_train, eval_test=eval_test, **launch,
                                refresh=["pretrain"] if args.refresh else None))
     return 0

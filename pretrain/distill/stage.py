@@ -7,23 +7,39 @@ covers the exported students (what a downstream stage would read).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lvdflow.stage import dir_digest, publish, work_dir
 from pretrain.config import profile_path
 from pretrain.distill.config import load_distill_config
+from pretrain.launch import Launch, torchrun_module
 
 
 def run_distill(teacher: str | Path, shards: str | Path, out: str | Path, *, config: str | Path = "distill_demo",
                 overrides: dict[str, Any] | None = None, eval_train: str | Path | None = None,
-                eval_test: str | Path | None = None) -> dict:
-    from pretrain.distill.train import distill
-
+                eval_test: str | Path | None = None, launch: Launch | None = None,
+                on_output: Callable[[str], None] | None = None) -> dict:
+    """Distil into `out`. `launch` (pretrain/launch.py) runs it under torchrun on one or several nodes;
+    `on_output` gets torchrun's output lines."""
     cfg = load_distill_config(profile_path(str(config)), overrides)
     out = Path(out)
     work = work_dir(out)
-    summary = distill(cfg, work, teacher=teacher, shards=shards, eval_train=eval_train, eval_test=eval_test)
+    if launch is not None and launch.distributed:
+        # The ranks read the resolved config (profile + overrides) from the work directory.
+        cfg_path = work / "config.requested.json"
+        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        args = ["--teacher", str(teacher), "--config", str(cfg_path), "--shards", str(shards), "--out", str(work),
+                "--summary", str(work / "summary.json")]
+        if eval_train and eval_test:
+            args += ["--eval-train", str(eval_train), "--eval-test", str(eval_test)]
+        torchrun_module("pretrain.distill.train", args, launch, on_output, log_dir=work / "torchrun-logs")
+        summary = json.loads((work / "summary.json").read_text())
+    else:
+        from pretrain.distill.train import distill
+
+        summary = distill(cfg, work, teacher=teacher, shards=shards, eval_train=eval_train, eval_test=eval_test)
     students = {}
     for name, s in summary["students"].items():
         # Paths as they will be once published (the work directory is renamed to `out`).
@@ -33,7 +49,8 @@ def run_distill(teacher: str | Path, shards: str | Path, out: str | Path, *, con
     manifest = {
         "stage": "distill",
         "params": {"teacher": str(teacher), "shards": str(shards), "config": str(config),
-                   "overrides": dict(overrides or {}), "masking": cfg.masking},
+                   "overrides": dict(overrides or {}), "masking": cfg.masking,
+                   "nproc": launch.nproc if launch else 1, "nnodes": launch.nnodes if launch else 1},
         "counts": {"iterations": summary["iterations_done"], "students": len(students),
                    "global_batch": summary["global_batch"], "teacher_forwards": summary["teacher_forwards"]},
         "teacher": summary["teacher"],
