@@ -114,3 +114,47 @@ def test_killed_shard_writer_resumes_to_byte_identical_shards(tmp_path):
     for name in ref_files:
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     assert not list(out.glob("*.tmp"))
+
+
+PRETRAIN = """
+import sys, torch
+torch.set_num_threads(1)
+from pretrain.run_pretrain import run_pretrain
+run_pretrain(sys.argv[1], sys.argv[2], config="demo", overrides=__import__("json").loads(sys.argv[3]), baseline=False)
+"""
+
+
+def _train_losses(run: Path) -> list[tuple]:
+    from pretrain.metrics_log import read_metrics
+
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "total_loss" in r]
+    return [(r["iteration"], r["total_loss"], r["dino_global_crops_loss"], r["ibot_loss"]) for r in rows]
+
+
+def test_killed_pretraining_resumes_to_the_same_losses(tmp_path, one_torch_thread):
+    import json
+
+    from curation.ingest import run_ingest
+    from pretrain.run_pretrain import run_pretrain
+    from shards.writer import run_shard
+
+    run_ingest([_images(tmp_path / "src", 40)], tmp_path / "ingest", workers=0)
+    run_shard(tmp_path / "ingest", tmp_path / "shards", max_count=10)
+    overrides = {"total_iters": 14, "checkpoint_every": 4, "warmup_iters": 2, "warmup_teacher_temp_iters": 2,
+                 "freeze_last_layer_iters": 1, "batch_size_per_rank": 4, "eval_every": 0, "num_threads": 1,
+                 "log_every": 1}
+    full = run_pretrain(tmp_path / "shards", tmp_path / "full", config="demo", overrides=overrides, baseline=False)
+    out = tmp_path / "killed"
+    metrics = Path(str(out) + ".partial") / "metrics.jsonl"
+    proc = _start(PRETRAIN, str(tmp_path / "shards"), str(out), json.dumps(overrides))
+    deadline = time.time() + 300
+    # Kill once iteration 6 is logged: after the checkpoint at 4, before the one at 8.
+    while time.time() < deadline and not (metrics.is_file() and '"iteration": 6' in metrics.read_text()):
+        time.sleep(0.05)
+    _kill(proc)
+    assert not out.exists() and max(r[0] for r in _train_losses(metrics.parent)) < 13, "the kill must land mid-run"
+    resumed = run_pretrain(tmp_path / "shards", out, config="demo", overrides=overrides, baseline=False)
+    assert resumed["counts"] == full["counts"]
+    assert _train_losses(out) == _train_losses(tmp_path / "full")  # exact floats, iterations 0..13 once each
+    assert [r[0] for r in _train_losses(out)] == list(range(14))
+    assert resumed["digest"] == full["digest"]  # the exported teacher, byte for byte
