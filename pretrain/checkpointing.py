@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lvdflow.stage import write_json_atomic
@@ -36,8 +37,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names it."""
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # Tensors, ints and strings only, so that rank files load with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -45,7 +55,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -91,21 +102,26 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer) -> dict:
     after), "same_world_size", "saved_world_size"}.
     """
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    target = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(target, checkpoint_id=str(ckpt))
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        target = {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, checkpoint_id=str(ckpt))
+        own = ckpt / f"rank_{rank()}.pt"
+        per_rank = torch.load(own, weights_only=True) if own.exists() else None
+        rank0 = per_rank if rank() == 0 else None
+        if rank0 is None and (ckpt / "rank_0.pt").exists():
+            rank0 = torch.load(ckpt / "rank_0.pt", weights_only=True)
+    except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException
+        raise CheckpointError(
+            f"checkpoint {ckpt} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); move it aside to resume "
+            f"from the previous one in {ckpt.parent}, or delete {ckpt.parent} to start over") from exc
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    own = ckpt / f"rank_{rank()}.pt"
-    per_rank = torch.load(own, weights_only=False) if own.exists() else None
     same = state["world_size"] == world_size()
     if per_rank is not None and same:
         set_rng_state(per_rank["rng"])
-    rank0 = per_rank if rank() == 0 else None
-    if rank0 is None and (ckpt / "rank_0.pt").exists():
-        rank0 = torch.load(ckpt / "rank_0.pt", weights_only=False)
     return {"iteration": int(state["iteration"]),
             # A stream position only means something to the same rank of the same world size.
             "data": per_rank["data"] if (per_rank and same) else None,

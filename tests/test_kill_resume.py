@@ -158,3 +158,28 @@ def test_killed_pretraining_resumes_to_the_same_losses(tmp_path, one_torch_threa
     assert _train_losses(out) == _train_losses(tmp_path / "full")  # exact floats, iterations 0..13 once each
     assert [r[0] for r in _train_losses(out)] == list(range(14))
     assert resumed["digest"] == full["digest"]  # the exported teacher, byte for byte
+
+
+def test_a_corrupt_training_checkpoint_is_reported_by_name(tmp_path, one_torch_thread):
+    import pytest
+
+    from pretrain.checkpointing import CheckpointError
+    from pretrain.train import train
+    from tests.pretrain_helpers import ListStream, tiny_config, toy_images
+
+    cfg = tiny_config(total_iters=4, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):  # stop after the checkpoint at 2, as a crash would
+
+        class Stop(ListStream):
+            def __iter__(self):
+                for n, img in enumerate(super().__iter__()):
+                    if n == 3 * cfg.batch_size_per_rank:
+                        raise KeyboardInterrupt
+                    yield img
+
+        train(cfg, tmp_path / "run", dataset=Stop(toy_images(16)))
+    ckpt = tmp_path / "run" / "checkpoints" / "it_00000002"
+    distcp = sorted(ckpt.glob("*.distcp"))[0]
+    distcp.write_bytes(distcp.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(CheckpointError, match="it_00000002"):
+        train(cfg, tmp_path / "run", dataset=ListStream(toy_images(16)))
