@@ -24,7 +24,7 @@ from lvdflow.stage import is_complete, read_manifest
 CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
     "ingest": "1",
-    "dedup": "1",
+    "dedup": "2",  # built-in descriptor: two keypoint scales, wider spread test
     "select": "1",
     "embed": "1",
     "retrieve": "1",

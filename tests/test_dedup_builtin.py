@@ -72,3 +72,44 @@ def test_vlad_vectors_are_unit_and_flip_symmetric_sum_is_flip_invariant():
     sym_flipped = v.encode(feats[0].mirrored().desc) + v.encode(feats[0].mirrored().mirrored().desc)
     assert np.allclose(sym, sym_flipped, atol=1e-5)
     assert np.all(v.encode(np.zeros((0, 128), np.float32)) == 0)
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    import io
+
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def test_blurred_compressed_copy_of_fine_texture_verifies_on_the_coarse_scale(tmp_path):
+    from PIL import ImageFilter
+
+    from curation.dedup.builtin import BuiltinDescriptor
+
+    grass = photo("grass", 512)
+    copy = _jpeg(grass.filter(ImageFilter.GaussianBlur(4)).resize((256, 256)), 25)
+    other = _jpeg(photo("gravel", 512).filter(ImageFilter.GaussianBlur(4)).resize((256, 256)), 25)
+    # the fine keypoints of the copy land on compression noise: too few consistent matches there
+    d = BuiltinDescriptor(threads=1)
+    assert inlier_count(d.extract(grass), d.extract(copy)) < 8
+    d.begin(3, tmp_path)
+    d.add([0, 1, 2], [d.prepare(im) for im in (grass, copy, other)])
+    assert d.finish().shape[0] == 3
+    s = d.pair_scores(np.array([0, 0, 1]), np.array([1, 2, 2]), np.ones(3, np.float32))
+    assert s[0] >= 0.6  # the coarse scale finds the copy
+    assert s[1] < 0.45 and s[2] < 0.45  # another texture blurred alike is not a copy
+
+
+def test_matches_filling_one_word_sized_patch_are_not_a_copy():
+    # An overlaid word in a large font (the benchmark's text edit: 6-15 % of the height) gives matches
+    # that fill a compact patch rather than one thin line. Matches on such a word (4 rows over 10 % of
+    # the long edge: smaller spread 0.037 of it) are rejected; a copy's matches spread over the picture.
+    from curation.dedup.verify import _thin
+
+    size = (400, 300)
+    gx, gy = np.meshgrid(np.linspace(100, 280, 8), np.linspace(100, 140, 4))
+    word = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    picture = np.random.default_rng(0).uniform((20, 20), (380, 280), (12, 2))
+    assert _thin(word, size)
+    assert not _thin(picture, size)

@@ -61,9 +61,10 @@ def root_sift(desc: np.ndarray) -> np.ndarray:
 class SiftExtractor:
     """Keeps one cv2.SIFT per thread (OpenCV objects are not shared across threads safely)."""
 
-    def __init__(self, side: int = 448, max_keypoints: int = 400, contrast: float = 0.02):
+    def __init__(self, side: int = 448, max_keypoints: int = 400, contrast: float = 0.02, tiles: int = 8):
         self.side = side
         self.max_keypoints = max_keypoints
+        self.tiles = tiles  # CLAHE tile grid (tiles x tiles)
         # A lower contrast threshold than OpenCV's 0.04 keeps keypoints on blurred and low-contrast
         # copies, which are exactly the ones a default detector leaves almost empty.
         self.contrast = contrast
@@ -71,7 +72,7 @@ class SiftExtractor:
     def __call__(self, img: Image.Image) -> LocalFeatures:
         # Local contrast equalisation (CLAHE) first: dark, hazy and blurred photos, and copies whose
         # contrast was changed, then yield keypoints at the same places as their originals.
-        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))  # per call: not shared across threads
+        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(self.tiles, self.tiles))  # per call: not shared across threads
         gray = clahe.apply(working_gray(img, self.side))
         sift = cv2.SIFT_create(nfeatures=self.max_keypoints, contrastThreshold=self.contrast)
         kps, desc = sift.detectAndCompute(gray, None)
