@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def torchrun_command(module: str, args: list[str], launch: Launch, log_dir: Path
 
 def torchrun_module(module: str, args: list[str], launch: Launch,
                     on_output: Callable[[str], None] | None = None, log_dir: Path | None = None,
-                    tail: int = 40) -> None:
+                    tail: int = 15) -> None:
     """Run `python -m module args` under torchrun and wait; raises RuntimeError when any rank fails.
     `log_dir` keeps every rank's output in files too, and tags console lines with the rank."""
     launch.check()
@@ -81,18 +82,43 @@ def torchrun_module(module: str, args: list[str], launch: Launch,
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc)))
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the flow run as they are printed
     emit = on_output or (lambda line: print(line, flush=True))
-    last: collections.deque[str] = collections.deque(maxlen=tail)
+    # The end of each rank's own output holds its exception; torchrun's summary comes after all of them.
+    per_rank: dict[str, collections.deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=tail))
+    launcher: collections.deque[str] = collections.deque(maxlen=tail)
     with subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
         try:
             for line in proc.stdout:
                 line = line.rstrip("\n")
-                last.append(line)
+                m = _RANK_TAG.match(line)
+                (per_rank[m.group(1)] if m else launcher).append(line)
                 emit(line)
         except BaseException:
             proc.kill()  # the caller is going away (an interrupt): take the ranks down too
             raise
         code = proc.wait()
     if code != 0:
+        ends = ["\n".join(per_rank[r]) for r in sorted(per_rank, key=int)]
         raise RuntimeError(f"{module} under torchrun failed (exit status {code}); rerun to resume from the last "
-                           f"checkpoint. End of its output:\n" + "\n".join(last))
+                           f"checkpoint. End of each rank's output:\n" + "\n".join(ends)
+                           + "\nEnd of torchrun's output:\n" + "\n".join(list(launcher)[-12:]))
+
+
+_RANK_TAG = re.compile(r"^\[rank(\d+)\] ")
+
+
+def train_under_torchrun(module: str, cfg, work: Path, shards, eval_train, eval_test, launch: Launch,
+                         on_output: Callable[[str], None] | None = None, extra_args: list[str] = ()) -> dict:
+    """Run a trainer module's `main()` (pretrain.train, pretrain.distill.train) under torchrun on `work`
+    and return the summary its rank 0 writes. The ranks read the resolved config from the work directory."""
+    import json
+
+    cfg_path = Path(work) / "config.requested.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    summary = Path(work) / "summary.json"
+    args = [*extra_args, "--config", str(cfg_path), "--shards", str(shards), "--out", str(work),
+            "--summary", str(summary)]
+    if eval_train and eval_test:
+        args += ["--eval-train", str(eval_train), "--eval-test", str(eval_test)]
+    torchrun_module(module, args, launch, on_output, log_dir=Path(work) / "torchrun-logs")
+    return json.loads(summary.read_text())

@@ -23,7 +23,7 @@ import torch
 from lvdflow.errors import UserError
 from lvdflow.stage import file_digest, publish, work_dir
 from pretrain.config import load_config, profile_path
-from pretrain.launch import Launch, torchrun_module
+from pretrain.launch import Launch, train_under_torchrun
 
 
 def random_init_knn(cfg, eval_train, eval_test) -> dict:
@@ -55,12 +55,7 @@ def run_pretrain(shards: str | os.PathLike, out: str | os.PathLike, *, config: s
     cfg_path = work / "config.requested.json"
     cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     if launch.distributed:
-        args = ["--config", str(cfg_path), "--shards", str(shards), "--out", str(work),
-                "--summary", str(work / "summary.json")]
-        if eval_train and eval_test:
-            args += ["--eval-train", str(eval_train), "--eval-test", str(eval_test)]
-        torchrun_module("pretrain.train", args, launch, on_output, log_dir=work / "torchrun-logs")
-        summary = json.loads((work / "summary.json").read_text())
+        summary = train_under_torchrun("pretrain.train", cfg, work, shards, eval_train, eval_test, launch, on_output)
     else:
         from pretrain.train import train
 

@@ -7,14 +7,13 @@ covers the exported students (what a downstream stage would read).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 from lvdflow.stage import dir_digest, publish, work_dir
 from pretrain.config import profile_path
 from pretrain.distill.config import load_distill_config
-from pretrain.launch import Launch, torchrun_module
+from pretrain.launch import Launch, train_under_torchrun
 
 
 def run_distill(teacher: str | Path, shards: str | Path, out: str | Path, *, config: str | Path = "distill_demo",
@@ -27,15 +26,8 @@ def run_distill(teacher: str | Path, shards: str | Path, out: str | Path, *, con
     out = Path(out)
     work = work_dir(out)
     if launch is not None and launch.distributed:
-        # The ranks read the resolved config (profile + overrides) from the work directory.
-        cfg_path = work / "config.requested.json"
-        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-        args = ["--teacher", str(teacher), "--config", str(cfg_path), "--shards", str(shards), "--out", str(work),
-                "--summary", str(work / "summary.json")]
-        if eval_train and eval_test:
-            args += ["--eval-train", str(eval_train), "--eval-test", str(eval_test)]
-        torchrun_module("pretrain.distill.train", args, launch, on_output, log_dir=work / "torchrun-logs")
-        summary = json.loads((work / "summary.json").read_text())
+        summary = train_under_torchrun("pretrain.distill.train", cfg, work, shards, eval_train, eval_test, launch,
+                                       on_output, extra_args=["--teacher", str(teacher)])
     else:
         from pretrain.distill.train import distill
 
