@@ -29,8 +29,8 @@ CODE_VERSION: dict[str, str] = {
     "embed": "1",
     "retrieve": "1",
     "shard": "1",
-    "pretrain": "1",
-    "distill": "1",
+    "pretrain": "2",  # teacher_checkpoint.pth carries the loss centres
+    "distill": "2",  # demo student without LayerScale, CLS feature loss, teacher centres
     "evaluate": "1",
 }
 

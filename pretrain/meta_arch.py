@@ -87,6 +87,11 @@ class SSLMetaArch(nn.Module):
         # Through __call__ (forward(is_training=True)), not forward_features: FSDP2 gathers the sharded
         # parameters in forward hooks, which a direct method call would skip.
         out = self.teacher["backbone"](global_crops, is_training=True)
+        return self._targets_from_features(out, mask_indices, n_half, teacher_temp)
+
+    @torch.no_grad()
+    def _targets_from_features(self, out: dict, mask_indices, n_half: int, teacher_temp: float):
+        """(CLS targets of the swapped views, patch targets) from the teacher backbone's output dict."""
         cls = out["x_norm_clstoken"]
         # Swap the two views: student crop A is matched to teacher crop B (no same-view global pairs).
         cls = torch.cat((cls[n_half:], cls[:n_half]))
@@ -151,6 +156,9 @@ class SSLMetaArch(nn.Module):
         else:
             ibot = s_global_logits.sum() * 0.0
         total = self.dino_weight * (dino_local + dino_global) + self.koleo_weight * koleo + self.ibot_weight * ibot
+        extra = self._extra_losses(s_global_cls)
+        for weight, loss in extra.values():
+            total = total + weight * loss
 
         metrics = {
             "total_loss": total.detach(),
@@ -158,9 +166,14 @@ class SSLMetaArch(nn.Module):
             "dino_global_crops_loss": dino_global.detach(),
             "koleo_loss": koleo.detach(),
             "ibot_loss": ibot.detach(),
+            **{name: loss.detach() for name, (_, loss) in extra.items()},
             **self._collapse_signals(teacher_probs, s_global_logits.detach()),
         }
         return total, metrics
+
+    def _extra_losses(self, s_global_cls: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        """{metric name: (weight, loss)} added to the total by subclasses (distillation's feature loss)."""
+        return {}
 
     @torch.no_grad()
     def _collapse_signals(self, teacher_probs: torch.Tensor, s_global_logits: torch.Tensor) -> dict:

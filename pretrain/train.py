@@ -124,11 +124,14 @@ def open_shard_stream(shards: str | Path, cfg: TrainConfig):
 def export_teacher(meta: SSLMetaArch, cfg: TrainConfig, dest: Path, iteration: int):
     """Collective. Rank 0 writes `teacher_backbone.pth` (this project's format: config + weights, read by
     `load_backbone` and `lvdflow eval`), `teacher_official.pth` (bare DINOv2 hub layout) and
-    `teacher_checkpoint.pth` (`{"teacher": ...}` with heads, the official eval/distillation layout).
+    `teacher_checkpoint.pth` (`{"teacher": ...}` with heads, the official eval/distillation layout, plus
+    `"centers"`: the DINO / iBOT centres its targets were centred with, which distillation starts from).
     Returns the unsharded teacher backbone on rank 0, None elsewhere."""
     from pretrain.models.checkpoint import export_official, save_backbone
 
     sd = full_state_dict(meta.teacher)
+    # The loss modules are never sharded: every rank holds the same centres.
+    centers = {"dino": meta.dino_loss.center.detach().cpu().clone(), "ibot": meta.ibot_loss.center.detach().cpu().clone()}
     if rank() != 0:
         return None
     backbone = build_backbone(cfg, drop_path_rate=0.0)
@@ -137,7 +140,7 @@ def export_teacher(meta: SSLMetaArch, cfg: TrainConfig, dest: Path, iteration: i
     save_backbone(backbone, dest / "teacher_backbone.pth", extra={"iteration": iteration})
     export_official(backbone, dest / "teacher_official.pth")
     tmp = dest / "teacher_checkpoint.pth.tmp"
-    torch.save({"teacher": sd, "iteration": iteration}, tmp)
+    torch.save({"teacher": sd, "iteration": iteration, "centers": centers}, tmp)
     tmp.replace(dest / "teacher_checkpoint.pth")
     return backbone.eval()
 

@@ -166,6 +166,32 @@ def test_exports_load_and_a_student_can_teach_in_turn(teacher_run, tmp_path):
     assert info["heads"] == "trained" and teacher["backbone"].embed_dim == 32
 
 
+def test_distillation_starts_from_the_teachers_saved_centres(teacher_run, tmp_path):
+    saved = torch.load(teacher_run / "teacher" / "teacher_checkpoint.pth")["centers"]
+    assert saved["dino"].abs().sum() > 0  # the pretraining run moved its centres away from zero
+    meta, info = build_distill(dcfg(), teacher_run)
+    assert info["centers"] == "saved"
+    assert torch.equal(meta.dino_loss.center, saved["dino"]) and torch.equal(meta.ibot_loss.center, saved["ibot"])
+    # fresh heads (and bare backbones) have no centres of their own: zeros, as in pretraining
+    meta, info = build_distill(dcfg(teacher_heads="fresh"), teacher_run)
+    assert info["centers"] == "zeros" and not meta.dino_loss.center.any()
+
+
+def test_feature_loss_aligns_the_projected_student_cls_with_the_teachers(teacher_run, tmp_path):
+    cfg = dcfg(feature_weight=1.0, base_lr=3e-3, warmup_iters=0, freeze_last_layer_iters=0)
+    meta, history = _steps(cfg, teacher_run, 15)
+    feat = [float(h["vit_tiny/feature_loss"]) for h in history]
+    assert sum(feat[-3:]) < 0.7 * sum(feat[:3])
+    student = meta.students["vit_tiny"]
+    assert student.student["feature_proj"].weight.grad is not None
+    assert not student.ema["feature_proj"].weight.requires_grad  # the EMA copy follows, never trains
+    assert student.student["feature_proj"].out_features == meta.teacher["backbone"].embed_dim
+    # a distilled student with the projector still exports a plain backbone and can teach in turn
+    distill(dcfg(feature_weight=1.0, total_iters=2), tmp_path, teacher=teacher_run, dataset=ListStream(toy_images(8)))
+    teacher, info = load_teacher(tmp_path / "students" / "vit_tiny" / "student_checkpoint.pth")
+    assert info["heads"] == "trained" and teacher["backbone"].embed_dim == 32
+
+
 def test_masking_flag_masks_students_and_ibot_uses_masked_patches(teacher_run):
     cfg = dcfg(masking=True, mask_probability=0.5)
     meta, history = _steps(cfg, teacher_run, 2)

@@ -41,6 +41,9 @@ class DistillConfig(TrainConfig):
     # "auto": the teacher checkpoint's trained heads (the recipe); "fresh": new seeded heads on the teacher's
     # backbone (a bare backbone always gets fresh ones), for a teacher whose heads collapsed.
     teacher_heads: str = "auto"
+    # > 0: each student also learns a linear map of its CLS token onto the teacher's CLS token of the same
+    # global crop (loss 1 - cosine, this weight); 0 (paper): targets only through the teacher's heads.
+    feature_weight: float = 0.0
 
     def student_specs(self) -> list[dict[str, Any]]:
         """[{name, arch, overrides}] in order, names unique (`arch`, then `arch_2`, ... on repeats)."""
@@ -62,6 +65,8 @@ class DistillConfig(TrainConfig):
         from pretrain.models.vit import ARCHS
 
         problems = []
+        if self.feature_weight < 0:
+            problems.append(f"feature_weight must be >= 0, got {self.feature_weight}")
         if self.teacher_heads not in ("auto", "fresh"):
             problems.append(f"teacher_heads must be auto|fresh, got {self.teacher_heads!r}")
         for entry in self.students or [self.arch]:

@@ -14,6 +14,8 @@ checkpoints (`checkpointed()` leaves it out: it is reloaded from its own file on
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,11 +34,23 @@ def head_shape(head: DINOHead) -> dict:
 
 
 class DistilledStudent(SSLMetaArch):
-    """A student network with its EMA copy and losses; `forward(batch, teacher_temp, targets)`."""
+    """A student network with its EMA copy and losses; `forward(batch, teacher_temp, targets, features)`.
 
-    def __init__(self, backbone: nn.Module, **kwargs):
+    With `feature_weight` > 0 the student also has `feature_proj`, a linear map from its CLS token to the
+    teacher's width, and a loss 1 - cos(feature_proj(student CLS), teacher CLS) on each global crop (same
+    view), averaged; the kNN evaluation reads exactly that CLS token."""
+
+    def __init__(self, backbone: nn.Module, *, feature_weight: float = 0.0, teacher_dim: int = 0, **kwargs):
         super().__init__(backbone, **kwargs)
         self._targets = None
+        self._features = None
+        self.feature_weight = feature_weight
+        if feature_weight > 0:
+            if teacher_dim <= 0:
+                raise ValueError("a feature loss needs the teacher's width (teacher_dim)")
+            # Appended to both ModuleDicts in the same place: the EMA update pairs parameters by order.
+            self.student["feature_proj"] = nn.Linear(backbone.embed_dim, teacher_dim)
+            self.teacher["feature_proj"] = copy.deepcopy(self.student["feature_proj"]).requires_grad_(False)
 
     @property
     def ema(self) -> nn.ModuleDict:
@@ -48,17 +62,27 @@ class DistilledStudent(SSLMetaArch):
             raise RuntimeError("DistilledStudent needs the teacher's targets: call it with targets=")
         return self._targets
 
-    def forward(self, batch: dict, teacher_temp: float, targets=None):
-        self._targets = targets
+    def _extra_losses(self, s_global_cls: torch.Tensor) -> dict:
+        if not self.feature_weight:
+            return {}
+        if self._features is None:
+            raise RuntimeError("a DistilledStudent with a feature loss needs the teacher's CLS: call it with features=")
+        s = F.normalize(self.student["feature_proj"](s_global_cls).float(), dim=-1)
+        t = F.normalize(self._features.float(), dim=-1)
+        return {"feature_loss": (self.feature_weight, (1.0 - (s * t).sum(-1)).mean())}
+
+    def forward(self, batch: dict, teacher_temp: float, targets=None, features=None):
+        self._targets, self._features = targets, features
         try:
             return super().forward(batch, teacher_temp)
         finally:
-            self._targets = None
+            self._targets, self._features = None, None
 
 
 class DistillMetaArch(nn.Module):
     def __init__(self, teacher: nn.ModuleDict, students: dict[str, nn.Module], *, dino_weight: float = 1.0,
-                 ibot_weight: float = 1.0, koleo_weight: float = 0.1, centering: str = "centering"):
+                 ibot_weight: float = 1.0, koleo_weight: float = 0.1, centering: str = "centering",
+                 norm_last_layer: bool = False, feature_weight: float = 0.0):
         super().__init__()
         if not students:
             raise ValueError("distillation needs at least one student")
@@ -77,7 +101,8 @@ class DistillMetaArch(nn.Module):
                                    head_hidden_dim=dino["hidden_dim"], head_bottleneck_dim=dino["bottleneck_dim"],
                                    head_nlayers=dino["nlayers"], ibot_separate_head=self.ibot_separate_head,
                                    dino_weight=dino_weight, ibot_weight=ibot_weight, koleo_weight=koleo_weight,
-                                   centering=centering)
+                                   centering=centering, norm_last_layer=norm_last_layer,
+                                   feature_weight=feature_weight, teacher_dim=teacher["backbone"].embed_dim)
             for name, bb in students.items()})
         self.centering = centering
         self.ibot_weight = ibot_weight
@@ -111,21 +136,22 @@ class DistillMetaArch(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict, teacher_temp: float):
+        """((CLS targets, patch targets), the teacher's CLS token of each global crop)."""
         g = batch["global_crops"]
+        out = self.teacher["backbone"](self._teacher_input(g), is_training=True)
         # The pretraining target code, run on this object: it reads .teacher, .ibot_separate_head,
         # .centering and the centre-holding losses, all of which are the frozen teacher's here.
-        targets = SSLMetaArch._teacher_targets(self, self._teacher_input(g), batch["mask_indices"], g.shape[0] // 2,
-                                               teacher_temp)
+        targets = SSLMetaArch._targets_from_features(self, out, batch["mask_indices"], g.shape[0] // 2, teacher_temp)
         self.teacher_forwards += 1
         _reshard(self.teacher)
-        return targets
+        return targets, out["x_norm_clstoken"]
 
     def forward(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict]:
         """Sum of the students' losses (independent graphs: one backward trains each on its own loss)."""
-        targets = self.teacher_targets(batch, teacher_temp)
+        targets, features = self.teacher_targets(batch, teacher_temp)
         total, metrics = None, {}
         for name, student in self.students.items():
-            loss, m = student(batch, teacher_temp, targets)
+            loss, m = student(batch, teacher_temp, targets, features)
             total = loss if total is None else total + loss
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
         metrics["total_loss"] = total.detach()

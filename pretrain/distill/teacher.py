@@ -106,6 +106,15 @@ def load_teacher(path: str | Path, *, head_hidden_dim: int = 2048, head_bottlene
     return teacher, info
 
 
+def saved_centers(path: str | Path) -> dict[str, torch.Tensor]:
+    """The centres a pretraining teacher's targets were softmax-centred with ({"dino", "ibot"} (1, K)
+    tensors), saved with its `teacher_checkpoint.pth`; {} for files that have none (older exports, bare
+    backbones, distilled students)."""
+    raw = torch.load(resolve_teacher_path(path), map_location="cpu", weights_only=True)
+    centers = raw.get("centers") if isinstance(raw, dict) else None
+    return {k: v for k, v in (centers or {}).items() if isinstance(v, torch.Tensor)}
+
+
 def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)

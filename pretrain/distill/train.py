@@ -35,7 +35,7 @@ from pretrain.checkpointing import full_state_dict, latest_checkpoint, load_chec
 from pretrain.data import BatchStream
 from pretrain.distill.config import DistillConfig
 from pretrain.distill.meta_arch import DistillMetaArch, unmasked_ibot_batch
-from pretrain.distill.teacher import load_teacher
+from pretrain.distill.teacher import load_teacher, saved_centers
 from pretrain.distributed import is_dist, rank, world_size
 from pretrain.meta_arch import TrainingDiverged
 from pretrain.metrics_log import MetricsLog, plot_curves
@@ -58,7 +58,17 @@ def build_distill(cfg: DistillConfig, teacher_path: str | Path) -> tuple[Distill
     torch.manual_seed(cfg.seed)  # same student initialisation on every rank and every resume
     students = {s["name"]: build_backbone(student_config(cfg, s)) for s in cfg.student_specs()}
     meta = DistillMetaArch(teacher, students, dino_weight=cfg.dino_weight, ibot_weight=cfg.ibot_weight,
-                           koleo_weight=cfg.koleo_weight, centering=cfg.centering)
+                           koleo_weight=cfg.koleo_weight, centering=cfg.centering,
+                           norm_last_layer=cfg.norm_last_layer, feature_weight=cfg.feature_weight)
+    # A trained teacher's targets start centred as they were at the end of its pretraining (zeros would
+    # give uncentred, prototype-biased targets until the EMA catches up); the EMA then follows this data.
+    centers = saved_centers(teacher_path) if info["heads"] == "trained" and cfg.centering == "centering" else {}
+    loaded = []
+    for key, loss in (("dino", meta.dino_loss), ("ibot", meta.ibot_loss)):
+        if key in centers and centers[key].shape == loss.center.shape:
+            loss.center.copy_(centers[key])
+            loaded.append(key)
+    info = {**info, "centers": "saved" if loaded else "zeros"}
     if not cfg.masking:
         # Without masking the mask token is never used: frozen, it has no gradient and no optimizer state
         # (a parameter that never steps would have none, and the checkpoint would not match on resume).
