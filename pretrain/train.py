@@ -13,11 +13,8 @@ and the data position are all restored).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -25,14 +22,14 @@ import torch.distributed as dist
 
 from lvdflow.errors import UserError
 from pretrain.augment import MultiCropAugmentation
-from pretrain.checkpointing import full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.checkpointing import full_state_dict
 from pretrain.config import TrainConfig
 from pretrain.data import BatchStream
-from pretrain.distributed import all_reduce_sum, is_dist, rank, world_size
-from pretrain.meta_arch import SSLMetaArch, TrainingDiverged
-from pretrain.metrics_log import MetricsLog, plot_curves
-from pretrain.param_groups import apply_schedules, param_groups
-from pretrain.schedules import build_schedules, scaled_lr
+from pretrain.distributed import is_dist, rank, world_size
+from pretrain.loop import (LoopSpec, build_optimizer, eval_device, finish, knn_eval, lr_and_schedules, resume,
+                           run_cli, run_loop)
+from pretrain.meta_arch import SSLMetaArch
+from pretrain.param_groups import param_groups
 
 
 # ---- construction ------------------------------------------------------------------------------------
@@ -145,26 +142,7 @@ def export_teacher(meta: SSLMetaArch, cfg: TrainConfig, dest: Path, iteration: i
     return backbone.eval()
 
 
-def _knn(backbone, cfg: TrainConfig, eval_train, eval_test, device) -> dict:
-    from pretrain.evaluate import evaluate_backbone
-
-    res = evaluate_backbone(backbone, eval_train, eval_test, "knn",
-                            image_size=cfg.eval_image_size or cfg.global_crops_size, device=device)
-    return {k: v for k, v in res.items() if k.startswith("knn_top1")}
-
-
-# ---- the loop ----------------------------------------------------------------------------------------
-def _reduce_metrics(metrics: dict, device) -> dict[str, float]:
-    keys = sorted(metrics)
-    vec = torch.stack([metrics[k].detach().float().to(device).reshape(()) for k in keys])
-    vec = all_reduce_sum(vec) / world_size()
-    return {k: float(v) for k, v in zip(keys, vec.tolist())}
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
+# ---- the run -----------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None, dataset=None,
           eval_train: str | Path | None = None, eval_test: str | Path | None = None) -> dict:
     """Train (or resume) into `out`. Returns a summary dict (rank 0's view)."""
@@ -184,18 +162,11 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
     if is_dist():
         shard_with_fsdp2(meta, device)
     torch.manual_seed(cfg.seed + 1000 * rank())  # per-rank stochastic depth draws
-    groups = param_groups(meta.student, num_layers=len(meta.student["backbone"].blocks),
-                          layer_decay=cfg.layer_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                  betas=tuple(cfg.adamw_betas))
+    optimizer = build_optimizer(param_groups(meta.student, num_layers=len(meta.student["backbone"].blocks),
+                                             layer_decay=cfg.layer_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult),
+                                cfg)
     global_batch = cfg.batch_size_per_rank * world_size()
-    lr = scaled_lr(cfg.base_lr, global_batch) if cfg.lr_scaling == "sqrt_wrt_1024" else cfg.base_lr
-    sched = build_schedules(total_iters=cfg.total_iters, lr=lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
-                            weight_decay=cfg.weight_decay, weight_decay_end=cfg.weight_decay_end,
-                            momentum_teacher=cfg.momentum_teacher, final_momentum_teacher=cfg.final_momentum_teacher,
-                            teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
-                            warmup_teacher_temp_iters=cfg.warmup_teacher_temp_iters,
-                            freeze_last_layer_iters=cfg.freeze_last_layer_iters)
+    lr, sched = lr_and_schedules(cfg, global_batch)
 
     if dataset is None:
         if shards is None:
@@ -203,86 +174,19 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
         dataset = open_shard_stream(shards, cfg)
     stream = BatchStream(dataset, batch_size=cfg.batch_size_per_rank, seed=cfg.seed, rank=rank(),
                          mask_probability=cfg.mask_probability, mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
+    start = resume(out / "checkpoints", meta, optimizer, stream)
 
-    ckroot = out / "checkpoints"
-    start = 0
-    ckpt = latest_checkpoint(ckroot)
-    if ckpt is not None:
-        info = load_checkpoint(ckpt, meta, optimizer)
-        start = info["iteration"]
-        if info["data"] is not None:
-            stream.load_state_dict(info["data"])
-        else:
-            saved = info["data_rank0"] or {}
-            if "epoch" in saved:
-                stream.start_after_epoch(saved["epoch"])
-            if rank() == 0:
-                print(f"resume: checkpoint written by {info['saved_world_size']} processes, now {world_size()}; "
-                      f"model, optimizer and schedules resume exactly, the data streams start the next epoch",
-                      flush=True)
-    log = MetricsLog(out, start, enabled=rank() == 0)
-    last_layer = [p for n, p in meta.student.named_parameters() if "last_layer" in n]
-    stop = min(cfg.stop_after or cfg.total_iters, cfg.total_iters)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    augs = {False: build_augmentation(cfg, False)}
-    highres_from = cfg.total_iters - cfg.highres_iters if cfg.highres_iters else cfg.total_iters + 1
-    export_dir = out / "exports"
-    last_record: dict = {}
-    t_last, n_since = time.perf_counter(), 0
-    meta.train()
-    for it in range(start, stop):
-        highres = it >= highres_from
-        if highres not in augs:
-            augs[highres] = build_augmentation(cfg, highres)
-        batch = _to_device(stream.next_batch(it, augs[highres], cfg.patch_size), device)
-        s = sched.at(it)
-        apply_schedules(optimizer, lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"])
-        with autocast:
-            loss, metrics = meta(batch, s["teacher_temp"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if it < cfg.freeze_last_layer_iters:
-            # Official DINO cancels the prototypes' gradients early on; zeros (not None) keep the optimizer
-            # state complete, so a checkpoint taken while frozen has every parameter's state.
-            for p in last_layer:
-                if p.grad is not None:
-                    p.grad.zero_()
-        if cfg.clip_grad:
-            for name in meta.student.keys():  # per submodule, as DINOv2
-                torch.nn.utils.clip_grad_norm_(meta.student[name].parameters(), cfg.clip_grad)
-        optimizer.step()
-        meta.update_teacher(s["momentum"])
-        n_since += 1
+    def export(dest: Path, iteration: int) -> dict:
+        backbone = export_teacher(meta, cfg, dest, iteration)
+        return {"": backbone} if backbone is not None else {}
 
-        reduced = _reduce_metrics(metrics, device)
-        if not math.isfinite(reduced["total_loss"]):
-            parts = ", ".join(f"{k}={v:.4g}" for k, v in reduced.items() if k.endswith("loss"))
-            raise TrainingDiverged(f"non-finite loss at iteration {it} ({parts}); lower the learning rate "
-                                   f"or check the data; the last checkpoint is in {ckroot}")
-        done = it + 1
-        if it == start or done % cfg.log_every == 0 or done == stop:
-            now = time.perf_counter()
-            record = {"iteration": it, **reduced, **s, "highres": highres,
-                      "images_per_s": n_since * global_batch / max(now - t_last, 1e-9),
-                      "s_per_iter": (now - t_last) / max(n_since, 1)}
-            t_last, n_since = now, 0
-            log.log(record)
-            last_record = record
-            if rank() == 0:
-                print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
-                      flush=True)
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(ckroot, done, meta, optimizer, stream.state_dict(), cfg.to_dict(), cfg.keep_checkpoints)
-        want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
-        if (cfg.export_every and done % cfg.export_every == 0) or want_eval:
-            backbone = export_teacher(meta, cfg, export_dir / f"it_{done:08d}", done)
-            if want_eval and rank() == 0:
-                res = _knn(backbone, cfg, eval_train, eval_test, "cpu" if device.type == "cpu" else device)
-                log.log({"iteration": it, **res})
-                print(json.dumps({"iteration": it, **res}), flush=True)
-            if is_dist():
-                dist.barrier()
+    spec = LoopSpec(model=meta, checkpointed=meta, optimizer=optimizer, sched=sched, stream=stream,
+                    clip_modules=[meta.student[name] for name in meta.student.keys()],  # per submodule, as DINOv2
+                    last_layer=[p for n, p in meta.student.named_parameters() if "last_layer" in n],
+                    update_ema=meta.update_teacher, export=export, checkpoint_config=cfg.to_dict(),
+                    build_augmentation=lambda highres: build_augmentation(cfg, highres))
+    log, last_record, stop = run_loop(cfg, out, spec, device=device, start=start, global_batch=global_batch,
+                                      eval_train=eval_train, eval_test=eval_test)
 
     summary = {"iterations_done": stop, "total_iters": cfg.total_iters, "world_size": world_size(),
                "global_batch": global_batch, "lr": lr, "last": last_record, "resumed_from": start,
@@ -295,15 +199,12 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
         if rank() == 0:
             summary["teacher"] = str(out / "teacher" / "teacher_backbone.pth")
             if eval_train and eval_test:
-                res = _knn(backbone, cfg, eval_train, eval_test, "cpu" if device.type == "cpu" else device)
+                res = knn_eval(backbone, cfg, eval_train, eval_test, eval_device(device))
                 log.log({"iteration": cfg.total_iters - 1, **res})
                 summary["knn"] = res
+    curves = finish(log, out)
     if rank() == 0:
-        png = plot_curves(log.path, out / "curves.png")
-        summary["curves"] = str(png) if png else None
-    log.close()
-    if is_dist():
-        dist.barrier()
+        summary["curves"] = curves
     return summary
 
 
@@ -319,14 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import load_config
 
     cfg = load_config(args.config)
-    try:
-        summary = train(cfg, args.out, shards=args.shards, eval_train=args.eval_train, eval_test=args.eval_test)
-        if args.summary and rank() == 0:
-            Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    finally:
-        if is_dist():
-            dist.destroy_process_group()
-    return 0
+    return run_cli(lambda: train(cfg, args.out, shards=args.shards, eval_train=args.eval_train,
+                                 eval_test=args.eval_test), args.summary)
 
 
 if __name__ == "__main__":

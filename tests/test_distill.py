@@ -15,7 +15,8 @@ from pretrain.data import BatchStream
 from pretrain.distill.config import DistillConfig, load_distill_config
 from pretrain.distill.meta_arch import unmasked_ibot_batch
 from pretrain.distill.teacher import load_teacher
-from pretrain.distill.train import _step, build_distill, distill, schedules
+from pretrain.distill.train import build_distill, distill
+from pretrain.loop import lr_and_schedules, optimizer_step
 from pretrain.metrics_log import read_metrics
 from pretrain.models.checkpoint import export_official, load_backbone
 from pretrain.train import build_augmentation, train
@@ -50,7 +51,7 @@ def _steps(cfg, teacher_run, n):
     groups = [g for st in meta.students.values() for g in
               __import__("pretrain.param_groups", fromlist=["x"]).param_groups(st.student, num_layers=2)]
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
-    _, sched = schedules(cfg, cfg.batch_size_per_rank)
+    _, sched = lr_and_schedules(cfg, cfg.batch_size_per_rank)
     stream = BatchStream(ListStream(toy_images(12)), batch_size=cfg.batch_size_per_rank, seed=0, rank=0,
                          mask_probability=0.5 if cfg.masking else 0.0)
     aug, last_layer = build_augmentation(cfg), []
@@ -61,7 +62,9 @@ def _steps(cfg, teacher_run, n):
         batch = stream.next_batch(it, aug, cfg.patch_size)
         if not cfg.masking:
             batch = unmasked_ibot_batch(batch, cfg.patch_size)
-        history.append(_step(meta, opt, batch, sched.at(it), cfg, last_layer, contextlib.nullcontext(), it))
+        history.append(optimizer_step(meta, opt, batch, sched.at(it), it, cfg=cfg, last_layer=last_layer,
+                                      clip_modules=[st.student[k] for st in meta.students.values() for k in st.student],
+                                      autocast=contextlib.nullcontext(), update_ema=meta.update_emas))
     return meta, history
 
 

@@ -4,8 +4,10 @@ teacher and one or several students.
     python -m pretrain.distill.train --teacher RUN_OR_CKPT --config distill_demo --shards SHARDS --out OUT
     torchrun --nproc-per-node 2 -m pretrain.distill.train ...                     # FSDP2, CPU (gloo) or CUDA
 
-Pieces shared with pretrain/train.py are imported from it: process group and device, shard stream, crops,
-FSDP2 sharding of a student (and its EMA), metric reduction, kNN. Checkpoints are pretrain/checkpointing.py's
+Pieces shared with pretrain/train.py are imported from it (process group and device, shard stream, crops,
+FSDP2 sharding of a student and its EMA) and the loop itself is pretrain/loop.py's, as for pretraining:
+this module builds the teacher, the students and their optimizer, says how one step runs (the unmasked
+batch, clipping per student, the students' EMAs) and what is exported. Checkpoints are pretrain/checkpointing.py's
 (DCP, any process count on resume; RNG and data position per rank), holding the students, their EMAs and
 optimizer state and the target centres, not the teacher (reloaded from its file). A run killed and
 resumed reproduces the uninterrupted run's losses (bitwise on CPU in one process).
@@ -19,30 +21,23 @@ exported (the paper's final model). Also metrics.jsonl, curves.png, TensorBoard,
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import json
-import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lvdflow.errors import UserError
-from pretrain.checkpointing import full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.checkpointing import full_state_dict
 from pretrain.data import BatchStream
 from pretrain.distill.config import DistillConfig
 from pretrain.distill.meta_arch import DistillMetaArch, unmasked_ibot_batch
 from pretrain.distill.teacher import load_teacher, saved_centers
 from pretrain.distributed import is_dist, rank, world_size
-from pretrain.meta_arch import TrainingDiverged
-from pretrain.metrics_log import MetricsLog, plot_curves
-from pretrain.param_groups import apply_schedules, param_groups
-from pretrain.schedules import build_schedules, scaled_lr
-from pretrain.train import (_knn, _reduce_metrics, _to_device, build_augmentation, build_backbone, init_distributed,
-                            open_shard_stream, shard_with_fsdp2)
+from pretrain.loop import (LoopSpec, build_optimizer, eval_device, finish, knn_eval, lr_and_schedules, resume,
+                           run_cli, run_loop)
+from pretrain.param_groups import param_groups
+from pretrain.train import build_augmentation, build_backbone, init_distributed, open_shard_stream, shard_with_fsdp2
 
 
 # ---- construction ------------------------------------------------------------------------------------
@@ -75,13 +70,6 @@ def build_distill(cfg: DistillConfig, teacher_path: str | Path) -> tuple[Distill
         for student in meta.students.values():
             student.student["backbone"].mask_token.requires_grad_(False)
     return meta, info
-
-
-def schedules(cfg: DistillConfig, global_batch: int):
-    """The trainer's schedules; every build_schedules argument but `lr` is the config key of that name."""
-    lr = scaled_lr(cfg.base_lr, global_batch) if cfg.lr_scaling == "sqrt_wrt_1024" else cfg.base_lr
-    names = [n for n in inspect.signature(build_schedules).parameters if n != "lr"]
-    return lr, build_schedules(lr=lr, **{n: getattr(cfg, n) for n in names})
 
 
 def shard_teacher_with_fsdp2(teacher: torch.nn.Module, device: torch.device) -> None:
@@ -130,25 +118,6 @@ def _check_same_students(ckpt: Path, cfg: DistillConfig) -> None:
                         f"use another --out or the same students")
 
 
-def _step(meta, optimizer, batch, s, cfg, last_layer, autocast, it):
-    apply_schedules(optimizer, lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"])
-    with autocast:
-        loss, metrics = meta(batch, s["teacher_temp"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if it < cfg.freeze_last_layer_iters:
-        for p in last_layer:  # zeros, not None: the optimizer state stays complete (as the trainer)
-            if p.grad is not None:
-                p.grad.zero_()
-    if cfg.clip_grad:
-        for student in meta.students.values():
-            for name in student.student.keys():  # per student and submodule, as DINOv2 per submodule
-                torch.nn.utils.clip_grad_norm_(student.student[name].parameters(), cfg.clip_grad)
-    optimizer.step()
-    meta.update_emas(s["momentum"])
-    return metrics
-
-
 def _warn_if_uniform_targets(reduced: dict, teacher_info: dict) -> None:
     """A teacher head that collapsed to uniform outputs (entropy ~ log K) teaches nothing through DINO."""
     name = next(k.split("/")[0] for k in reduced if k.endswith("/teacher_entropy"))
@@ -177,13 +146,12 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
             shard_with_fsdp2(student, device)
         shard_teacher_with_fsdp2(meta.teacher, device)
     torch.manual_seed(cfg.seed + 1000 * rank())  # per-rank draws (stochastic depth, when a profile turns it on)
-    groups = [g for st in meta.students.values()
-              for g in param_groups(st.student, num_layers=len(st.student["backbone"].blocks),
-                                    layer_decay=cfg.layer_decay, patch_embed_lr_mult=cfg.patch_embed_lr_mult)]
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                  betas=tuple(cfg.adamw_betas))
+    optimizer = build_optimizer([g for st in meta.students.values()
+                                 for g in param_groups(st.student, num_layers=len(st.student["backbone"].blocks),
+                                                       layer_decay=cfg.layer_decay,
+                                                       patch_embed_lr_mult=cfg.patch_embed_lr_mult)], cfg)
     global_batch = cfg.batch_size_per_rank * world_size()
-    lr, sched = schedules(cfg, global_batch)
+    lr, sched = lr_and_schedules(cfg, global_batch)
 
     if dataset is None:
         if shards is None:
@@ -192,64 +160,24 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
     stream = BatchStream(dataset, batch_size=cfg.batch_size_per_rank, seed=cfg.seed, rank=rank(),
                          mask_probability=cfg.mask_probability if cfg.masking else 0.0,
                          mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
+    start = resume(out / "checkpoints", meta.checkpointed(), optimizer, stream,
+                   check=lambda ckpt: _check_same_students(ckpt, cfg))
 
-    ckroot, start = out / "checkpoints", 0
-    ckpt = latest_checkpoint(ckroot)
-    if ckpt is not None:
-        _check_same_students(ckpt, cfg)
-        info = load_checkpoint(ckpt, meta.checkpointed(), optimizer)
-        start = info["iteration"]
-        if info["data"] is not None:
-            stream.load_state_dict(info["data"])
-        elif "epoch" in (info.get("data_rank0") or {}):
-            stream.start_after_epoch(info["data_rank0"]["epoch"])  # another process count: next epoch
-    log = MetricsLog(out, start, enabled=rank() == 0)
-    last_layer = [p for n, p in meta.students.named_parameters() if "last_layer" in n and p.requires_grad]
-    stop = min(cfg.stop_after or cfg.total_iters, cfg.total_iters)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    augs = {}
-    highres_from = cfg.total_iters - cfg.highres_iters if cfg.highres_iters else cfg.total_iters + 1
-    eval_device = "cpu" if device.type == "cpu" else device
-    last_record: dict = {}
-    t_last, n_since = time.perf_counter(), 0
-    meta.train()
-    for it in range(start, stop):
-        highres = it >= highres_from
-        if highres not in augs:
-            augs[highres] = build_augmentation(cfg, highres)
-        batch = _to_device(stream.next_batch(it, augs[highres], cfg.patch_size), device)
-        if not cfg.masking:
-            batch = unmasked_ibot_batch(batch, cfg.patch_size)
-        s = sched.at(it)
-        metrics = _step(meta, optimizer, batch, s, cfg, last_layer, autocast, it)
-        n_since += 1
-        reduced = _reduce_metrics(metrics, device)
-        if not math.isfinite(reduced["total_loss"]):
-            raise TrainingDiverged(f"non-finite distillation loss at iteration {it} "
-                                   f"({ {k: v for k, v in reduced.items() if k.endswith('loss')} }); "
-                                   f"the last checkpoint is in {ckroot}")
-        if it == start and rank() == 0:
-            _warn_if_uniform_targets(reduced, teacher_info)
-        done = it + 1
-        if it == start or done % cfg.log_every == 0 or done == stop:
-            now = time.perf_counter()
-            last_record = {"iteration": it, **reduced, **s, "images_per_s": n_since * global_batch / max(now - t_last, 1e-9)}
-            t_last, n_since = now, 0
-            log.log(last_record)
-            if rank() == 0:
-                print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in last_record.items()}),
-                      flush=True)
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(ckroot, done, meta.checkpointed(), optimizer, stream.state_dict(),
-                            {**cfg.to_dict(), "teacher": teacher_info["path"]}, cfg.keep_checkpoints)
-        want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
-        if (cfg.export_every and done % cfg.export_every == 0) or want_eval:
-            backbones = export_students(meta, cfg, out / "exports" / f"it_{done:08d}", done)
-            for name, bb in backbones.items() if want_eval else ():
-                log.log({"iteration": it, **{f"{name}/{k}": v for k, v in _knn(bb, cfg, eval_train, eval_test,
-                                                                               eval_device).items()}})
-            if is_dist():
-                dist.barrier()
+    def export(dest: Path, iteration: int) -> dict:
+        return {f"{name}/": bb for name, bb in export_students(meta, cfg, dest, iteration).items()}
+
+    spec = LoopSpec(model=meta, checkpointed=meta.checkpointed(), optimizer=optimizer, sched=sched, stream=stream,
+                    # per student and submodule, as DINOv2 per submodule
+                    clip_modules=[st.student[name] for st in meta.students.values() for name in st.student.keys()],
+                    last_layer=[p for n, p in meta.students.named_parameters() if "last_layer" in n and p.requires_grad],
+                    update_ema=meta.update_emas, export=export,
+                    checkpoint_config={**cfg.to_dict(), "teacher": teacher_info["path"]},
+                    build_augmentation=lambda highres: build_augmentation(cfg, highres),
+                    prepare_batch=None if cfg.masking else (lambda b: unmasked_ibot_batch(b, cfg.patch_size)),
+                    on_first_step=lambda reduced: _warn_if_uniform_targets(reduced, teacher_info),
+                    what="distillation loss")
+    log, last_record, stop = run_loop(cfg, out, spec, device=device, start=start, global_batch=global_batch,
+                                      eval_train=eval_train, eval_test=eval_test)
 
     summary = {"iterations_done": stop, "total_iters": cfg.total_iters, "world_size": world_size(),
                "global_batch": global_batch, "lr": lr, "last": last_record, "resumed_from": start,
@@ -262,15 +190,12 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
                      "backbone": str(out / "students" / name / "student_backbone.pth"),
                      "official": str(out / "students" / name / "student_official.pth")}
             if eval_train and eval_test:
-                entry["knn"] = _knn(bb, cfg, eval_train, eval_test, eval_device)
+                entry["knn"] = knn_eval(bb, cfg, eval_train, eval_test, eval_device(device))
                 log.log({"iteration": cfg.total_iters - 1, **{f"{name}/{k}": v for k, v in entry["knn"].items()}})
             summary["students"][name] = entry
+    curves = finish(log, out)
     if rank() == 0:
-        png = plot_curves(log.path, out / "curves.png")
-        summary["curves"] = str(png) if png else None
-    log.close()
-    if is_dist():
-        dist.barrier()
+        summary["curves"] = curves
     return summary
 
 
@@ -290,15 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     overrides = {"students": args.arch.split(",")} if args.arch else {}
     cfg = load_distill_config(profile_path(args.config), overrides)
-    try:
-        summary = distill(cfg, args.out, teacher=args.teacher, shards=args.shards, eval_train=args.eval_train,
-                          eval_test=args.eval_test)
-        if args.summary and rank() == 0:
-            Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    finally:
-        if is_dist():
-            dist.destroy_process_group()
-    return 0
+    return run_cli(lambda: distill(cfg, args.out, teacher=args.teacher, shards=args.shards,
+                                   eval_train=args.eval_train, eval_test=args.eval_test), args.summary)
 
 
 if __name__ == "__main__":

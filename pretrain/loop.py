@@ -1,0 +1,231 @@
+"""The training loop pretraining (pretrain/train.py) and distillation (pretrain/distill/train.py) share.
+
+Each trainer builds its model, optimizer, schedules and batch stream, describes itself as a `LoopSpec`
+(what to call, what to checkpoint, which gradients to clip, how to update its EMA, what to export) and
+hands it to `run_loop`, which owns the per-iteration steps: batch, one optimisation step, metric reduction
+and the stop on a non-finite loss, the metrics record, checkpoints, periodic exports with kNN. `resume`
+restores a run from its latest checkpoint and `finish` closes it. The public steps can also be called one
+by one (the distillation tests drive `optimizer_step` by hand).
+
+The order of operations is the trainers' original one, so a killed and resumed run still reproduces the
+uninterrupted run bitwise (CPU, one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.config import TrainConfig
+from pretrain.distributed import all_reduce_sum, is_dist, rank, world_size
+from pretrain.meta_arch import TrainingDiverged
+from pretrain.metrics_log import MetricsLog, plot_curves
+from pretrain.param_groups import apply_schedules
+from pretrain.schedules import build_schedules, scaled_lr
+
+
+# ---- small steps -------------------------------------------------------------------------------------
+def knn_eval(backbone, cfg: TrainConfig, eval_train, eval_test, device) -> dict:
+    """kNN top-1 (k 10 / 20) of `backbone` on the ImageFolder pair, at the config's evaluation size."""
+    from pretrain.evaluate import evaluate_backbone
+
+    res = evaluate_backbone(backbone, eval_train, eval_test, "knn",
+                            image_size=cfg.eval_image_size or cfg.global_crops_size, device=device)
+    return {k: v for k, v in res.items() if k.startswith("knn_top1")}
+
+
+def eval_device(device: torch.device):
+    return "cpu" if device.type == "cpu" else device
+
+
+def reduce_metrics(metrics: dict, device) -> dict[str, float]:
+    """The mean over ranks of each (scalar tensor) metric, as floats."""
+    keys = sorted(metrics)
+    vec = torch.stack([metrics[k].detach().float().to(device).reshape(()) for k in keys])
+    vec = all_reduce_sum(vec) / world_size()
+    return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over param_groups() output (the schedules set each group's lr / weight decay every step)."""
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                             betas=tuple(cfg.adamw_betas))
+
+
+def lr_and_schedules(cfg: TrainConfig, global_batch: int):
+    """(peak lr after the batch-size rule, the per-iteration schedules) of a config."""
+    lr = scaled_lr(cfg.base_lr, global_batch) if cfg.lr_scaling == "sqrt_wrt_1024" else cfg.base_lr
+    return lr, build_schedules(
+        total_iters=cfg.total_iters, lr=lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
+        weight_decay=cfg.weight_decay, weight_decay_end=cfg.weight_decay_end,
+        momentum_teacher=cfg.momentum_teacher, final_momentum_teacher=cfg.final_momentum_teacher,
+        teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
+        warmup_teacher_temp_iters=cfg.warmup_teacher_temp_iters, freeze_last_layer_iters=cfg.freeze_last_layer_iters)
+
+
+def optimizer_step(model, optimizer, batch: dict, s: dict, it: int, *, cfg: TrainConfig, last_layer: list,
+                   clip_modules: list, autocast, update_ema: Callable[[float], None]) -> dict:
+    """One iteration's update: schedules -> forward -> backward -> frozen prototypes -> clipping -> step -> EMA.
+
+    `model(batch, teacher_temp)` returns (loss, metrics). Gradients are clipped per module of
+    `clip_modules` (DINOv2 clips per submodule). Returns the metrics."""
+    apply_schedules(optimizer, lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"])
+    with autocast:
+        loss, metrics = model(batch, s["teacher_temp"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if it < cfg.freeze_last_layer_iters:
+        # Official DINO cancels the prototypes' gradients early on; zeros (not None) keep the optimizer
+        # state complete, so a checkpoint taken while frozen has every parameter's state.
+        for p in last_layer:
+            if p.grad is not None:
+                p.grad.zero_()
+    if cfg.clip_grad:
+        for module in clip_modules:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad)
+    optimizer.step()
+    update_ema(s["momentum"])
+    return metrics
+
+
+def check_finite(reduced: dict, it: int, ckroot: Path, what: str = "loss") -> None:
+    if not math.isfinite(reduced["total_loss"]):
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in reduced.items() if k.endswith("loss"))
+        raise TrainingDiverged(f"non-finite {what} at iteration {it} ({parts}); lower the learning rate "
+                               f"or check the data; the last checkpoint is in {ckroot}")
+
+
+def resume(ckroot: Path, model: torch.nn.Module, optimizer, stream,
+           check: Callable[[Path], None] | None = None) -> int:
+    """Restore model, optimizer, RNG and data position from the latest checkpoint under `ckroot` (`check`
+    may refuse it first). Returns the iteration to start from (0 without a checkpoint)."""
+    ckpt = latest_checkpoint(ckroot)
+    if ckpt is None:
+        return 0
+    if check is not None:
+        check(ckpt)
+    info = load_checkpoint(ckpt, model, optimizer)
+    if info["data"] is not None:
+        stream.load_state_dict(info["data"])
+    else:
+        saved = info["data_rank0"] or {}
+        if "epoch" in saved:
+            stream.start_after_epoch(saved["epoch"])
+        if rank() == 0:
+            print(f"resume: checkpoint written by {info['saved_world_size']} processes, now {world_size()}; "
+                  f"model, optimizer and schedules resume exactly, the data streams start the next epoch",
+                  flush=True)
+    return info["iteration"]
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+@dataclass
+class LoopSpec:
+    """What run_loop needs to know about one trainer."""
+
+    model: torch.nn.Module  # model(batch, teacher_temp) -> (loss, metrics with "total_loss")
+    checkpointed: torch.nn.Module  # what a checkpoint holds (with the optimizer)
+    optimizer: Any
+    sched: Any  # schedules.at(it) -> {lr, last_layer_lr, wd, momentum, teacher_temp}
+    stream: Any  # data.BatchStream
+    clip_modules: list  # gradient clipping, per module, in this order
+    last_layer: list  # the prototypes' parameters, whose gradients are zeroed while frozen
+    update_ema: Callable[[float], None]
+    # Collective: writes an export under the given folder; rank 0 gets {metric prefix: backbone} to evaluate.
+    export: Callable[[Path, int], dict]
+    checkpoint_config: dict
+    build_augmentation: Callable[[bool], Any]  # highres -> multi-crop augmentation
+    prepare_batch: Callable[[dict], dict] | None = None  # applied after the batch reaches the device
+    on_first_step: Callable[[dict], None] | None = None  # rank 0, with the first iteration's metrics
+    what: str = "loss"  # for the non-finite-loss message
+
+
+def run_loop(cfg: TrainConfig, out: Path, spec: LoopSpec, *, device: torch.device, start: int, global_batch: int,
+             eval_train=None, eval_test=None) -> tuple[MetricsLog, dict, int]:
+    """Iterations `start` .. stop (cfg.stop_after or total_iters). Returns (the open metrics log, the last
+    logged record, stop)."""
+    out = Path(out)
+    ckroot = out / "checkpoints"
+    log = MetricsLog(out, start, enabled=rank() == 0)
+    stop = min(cfg.stop_after or cfg.total_iters, cfg.total_iters)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    augs: dict = {}
+    highres_from = cfg.total_iters - cfg.highres_iters if cfg.highres_iters else cfg.total_iters + 1
+    last_record: dict = {}
+    t_last, n_since = time.perf_counter(), 0
+    spec.model.train()
+    for it in range(start, stop):
+        highres = it >= highres_from
+        if highres not in augs:
+            augs[highres] = spec.build_augmentation(highres)
+        batch = to_device(spec.stream.next_batch(it, augs[highres], cfg.patch_size), device)
+        if spec.prepare_batch is not None:
+            batch = spec.prepare_batch(batch)
+        s = spec.sched.at(it)
+        metrics = optimizer_step(spec.model, spec.optimizer, batch, s, it, cfg=cfg, last_layer=spec.last_layer,
+                                 clip_modules=spec.clip_modules, autocast=autocast, update_ema=spec.update_ema)
+        n_since += 1
+        reduced = reduce_metrics(metrics, device)
+        check_finite(reduced, it, ckroot, spec.what)
+        if it == start and rank() == 0 and spec.on_first_step is not None:
+            spec.on_first_step(reduced)
+        done = it + 1
+        if it == start or done % cfg.log_every == 0 or done == stop:
+            now = time.perf_counter()
+            last_record = {"iteration": it, **reduced, **s, "highres": highres,
+                           "images_per_s": n_since * global_batch / max(now - t_last, 1e-9),
+                           "s_per_iter": (now - t_last) / max(n_since, 1)}
+            t_last, n_since = now, 0
+            log.log(last_record)
+            if rank() == 0:
+                print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in last_record.items()}),
+                      flush=True)
+        if done % cfg.checkpoint_every == 0 or done == stop:
+            save_checkpoint(ckroot, done, spec.checkpointed, spec.optimizer, spec.stream.state_dict(),
+                            spec.checkpoint_config, cfg.keep_checkpoints)
+        want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
+        if (cfg.export_every and done % cfg.export_every == 0) or want_eval:
+            backbones = spec.export(out / "exports" / f"it_{done:08d}", done)
+            for prefix, backbone in backbones.items() if want_eval else ():
+                res = knn_eval(backbone, cfg, eval_train, eval_test, eval_device(device))
+                record = {"iteration": it, **{f"{prefix}{k}": v for k, v in res.items()}}
+                log.log(record)
+                print(json.dumps(record), flush=True)
+            if is_dist():
+                dist.barrier()
+    return log, last_record, stop
+
+
+def finish(log: MetricsLog, out: Path) -> str | None:
+    """Collective end of a run: curves.png (rank 0), the metrics log closed. Returns the PNG's path."""
+    png = plot_curves(log.path, Path(out) / "curves.png") if rank() == 0 else None
+    log.close()
+    if is_dist():
+        dist.barrier()
+    return str(png) if png else None
+
+
+def run_cli(run: Callable[[], dict], summary_path: str | None) -> int:
+    """Run a trainer from its command line: the summary JSON (rank 0) and the process group torn down."""
+    try:
+        summary = run()
+        if summary_path and rank() == 0:
+            Path(summary_path).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
+    return 0
