@@ -7,11 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from lvdflow.cli import build_parser, main
+from tests.image_helpers import noise_images
 
 LVDFLOW = [sys.executable, "-m", "lvdflow.cli"]
 
@@ -52,33 +51,28 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message):
     assert message in proc.stderr.strip().splitlines()[-1]
 
 
+def _printed_manifest(capsys) -> dict:
+    printed = capsys.readouterr().out
+    return json.loads(printed[printed.index("{"): printed.rindex("}") + 1])
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_ingest_command_runs_the_flow(tmp_path, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    src = noise_images(tmp_path / "src", 3)
     (src / "broken.jpg").write_bytes(b"nope")
     assert main(["ingest", str(src), "--out", str(tmp_path / "out"), "--workers", "0"]) == 0
-    printed = capsys.readouterr().out
-    manifest = json.loads(printed[printed.index("{"): printed.rindex("}") + 1])
+    manifest = _printed_manifest(capsys)
     assert manifest["counts"]["images"] == 3 and manifest["quarantine_reasons"] == {"not-an-image": 1}
     assert (Path(manifest["dir"]) / "manifest.parquet").is_file()
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_shard_command_on_a_thread_runner_writes_one_task_per_shard(tmp_path, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    src = noise_images(tmp_path / "src", 5, seed=1)
     assert main(["ingest", str(src), "--out", str(tmp_path / "ingest"), "--workers", "0"]) == 0
     capsys.readouterr()
     assert main(["shard", str(tmp_path / "ingest"), "--out", str(tmp_path / "shards"), "--max-count", "2",
                  "--runner", "threads", "--runner-workers", "2"]) == 0
-    printed = capsys.readouterr().out
-    manifest = json.loads(printed[printed.index("{"): printed.rindex("}") + 1])
+    manifest = _printed_manifest(capsys)
     assert manifest["counts"]["shards"] == 3 and manifest["counts"]["samples"] == 5
     assert sorted(p.name for p in Path(manifest["dir"]).glob("*.tar")) == [f"{i:06d}.tar" for i in range(3)]

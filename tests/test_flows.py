@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.image_helpers import noise_images
 from tests.prefect_helpers import task_states
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def _write_images(folder: Path, n: int, seed: int = 0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    noise_images(folder, n, size=(32, 32), seed=seed, name="{i}.png")
 
 
 def _run(flow, **kw):

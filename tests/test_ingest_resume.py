@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from curation.ingest import run_ingest
+from tests.image_helpers import noise_images
 
 SCRIPT = """
 import sys, time
@@ -23,11 +22,7 @@ run_ingest([sys.argv[1]], sys.argv[2], workers=0, batch_size=10, progress=lambda
 
 
 def test_killed_ingest_resumes_to_the_same_result(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(120):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(src / f"{i:03d}.png")
+    src = noise_images(tmp_path / "src", 120, size=(20, 20))
     (src / "bad.jpg").write_bytes(b"not an image")
 
     reference = run_ingest([src], tmp_path / "ref", workers=0, batch_size=10)

@@ -10,18 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
+
+from tests.image_helpers import noise_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _images(folder: Path, n: int, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    noise_images(folder, n, size=(40, 48), seed=seed)
     base = Image.open(folder / "000.png")
     base.resize((60, 50)).save(folder / "copy_of_000.png")  # something for dedup to find
     base.save(folder / "same_as_000.png")

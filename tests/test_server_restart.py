@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.image_helpers import noise_images
 from tests.prefect_helpers import free_port, start_server, stop_server, task_states
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +59,7 @@ def test_server_restart_during_a_run_loses_no_work(tmp_path):
     from curation.ingest import run_ingest
     from shards.writer import run_shard
 
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    src = noise_images(tmp_path / "src", 30)
     run_ingest([src], tmp_path / "ref-ingest", workers=0)
     reference = run_shard(tmp_path / "ref-ingest", tmp_path / "ref-shards", max_count=2)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.image_helpers import noise_images
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
@@ -21,10 +21,7 @@ def shards(tmp_path_factory) -> Path:
     from shards.writer import run_shard
 
     root = tmp_path_factory.mktemp("torchrun")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    for i in range(48):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{i:02d}.png")
+    noise_images(root / "images", 48, size=(32, 32))
     run_ingest([root / "images"], root / "ingest", workers=0)
     run_shard(root / "ingest", root / "shards", max_count=12)  # 4 shards: 2 per rank
     return root / "shards"
