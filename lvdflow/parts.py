@@ -22,11 +22,6 @@ R = TypeVar("R")
 MapUnits = Callable[[Callable[[Any], R], Sequence[Any]], list[R]]
 
 
-def serial_map(fn: Callable[[Any], R], units: Sequence[Any]) -> list[R]:
-    """The default executor: every unit in this process, in order."""
-    return [fn(u) for u in units]
-
-
 def in_daemon_process() -> bool:
     """True inside a daemonic process (a Dask worker, a multiprocessing pool worker), which may not start
     child processes of its own: stages then decode in-process instead of in a worker pool."""
