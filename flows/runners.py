@@ -37,9 +37,13 @@ def _worker_env() -> dict[str, str]:
     # Local Dask/Ray workers are new processes: they must report to this run's API, which may have been
     # set in-process (a test harness, a profile) rather than in the environment they inherit.
     url = PREFECT_API_URL.value()
+    if not url:  # an ephemeral server (a flow run without a server): its address is known only here
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            url = str(client.api_url).rstrip("/")
     env = {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
-    if url:
-        env["PREFECT_API_URL"] = url
+    env["PREFECT_API_URL"] = url
     return env
 
 
