@@ -191,3 +191,21 @@ def test_retrieve_on_dask_equals_the_single_process_run(dask_address, tmp_path):
     assert got["counts"] == ref["counts"] and ref["counts"]["collisions"] > 0
     _tables_equal(tmp_path / "inline" / "retrieved.parquet", tmp_path / "dask" / "retrieved.parquet")
     assert not (tmp_path / "dask" / "pool.faiss").exists()  # scratch removed
+
+
+def test_dask_workers_report_to_an_ephemeral_server(manifest, tmp_path):
+    """Without a server, the flow runs on an ephemeral one; local workers must report there instead of
+    starting temporary servers of their own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    proc = subprocess.run([sys.executable, "-m", "lvdflow.cli", "shard", str(manifest), "--out", str(tmp_path / "s"),
+                           "--max-count", "20", "--runner", "dask", "--runner-workers", "2"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("Starting temporary server") == 1, out[-3000:]
+    assert len(list((tmp_path / "s").glob("*.tar"))) == 3
