@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -336,6 +336,15 @@ class EmbedUnitSpec:
     max_pixels: int
 
 
+@lru_cache(maxsize=1)
+def _unit_inputs(spec: EmbedUnitSpec) -> tuple[VisionTransformer, pa.Table]:
+    # Once per worker process and job, not once per shard: a ViT-H checkpoint is 2.5 GB to read.
+    model = build_embedder(spec.weights, arch=spec.arch, patch_size=spec.patch_size, img_size=spec.img_size,
+                           num_heads=spec.num_heads, allow_random_init=spec.allow_random_init, seed=spec.seed,
+                           device=resolve_device(spec.device))
+    return model, read_manifest_table(spec.manifest)
+
+
 def embed_shard_unit(spec: EmbedUnitSpec, shard: int) -> int:
     """One unit of `run_embed` for another executor: embeds shard `shard` into the job's work directory
     (a no-op when that shard is already complete). Returns the shard."""
@@ -343,12 +352,10 @@ def embed_shard_unit(spec: EmbedUnitSpec, shard: int) -> int:
     if shard in set(store.completed_shards(work)):
         return shard
     dev = resolve_device(spec.device)
-    model = build_embedder(spec.weights, arch=spec.arch, patch_size=spec.patch_size, img_size=spec.img_size,
-                           num_heads=spec.num_heads, allow_random_init=spec.allow_random_init, seed=spec.seed,
-                           device=dev)
+    model, table = _unit_inputs(spec)
     # A daemonic worker (Dask's) may not start DataLoader workers: decode in this process then.
     num_workers = 0 if in_daemon_process() else spec.num_workers
-    _embed_shards(model, dev, read_manifest_table(spec.manifest), [shard], work, shard_size=spec.shard_size,
+    _embed_shards(model, dev, table, [shard], work, shard_size=spec.shard_size,
                   batch_size=spec.batch_size, num_workers=num_workers, img_size=spec.img_size,
                   max_pixels=spec.max_pixels, resize_on_device=spec.resize_on_device, compile=spec.compile,
                   progress=None)
