@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.bench_embed                 # CPU: a small ViT (vit_small/14 @224, fp32, 1 thread)
     python3 -m bench.bench_embed --mode gpu               # GPU: ViT-H/14 @224, bf16 (production embedder)
 
-Model-only: random input already on the device, `embed_batch` (the stage's own forward: bf16 autocast on
-CUDA, fp32 on CPU), median of timed repetitions after warm-up, CUDA-synchronised. FLOPs are the matmul
+Model-only: random input already on the device, `embed_batch` (the stage's own forward: on CUDA bf16
+weights with fused fc1+GELU and tuned Inductor kernels, see curation.embed.CUDA_INFERENCE, plus the older
+bf16-autocast paths for comparison; fp32 on CPU), median of timed repetitions after warm-up, CUDA-synchronised. FLOPs are the matmul
 FLOPs of the forward (pretrain.models.flops, 334.6 GFLOPs per image for ViT-H/14 @224); utilisation is
 against the dense bf16 datasheet peak (H100 SXM: 989 TFLOP/s) and against a matmul measured here, and on
 CPU against a float32 matmul measured here with the same thread count (best repetition of each).
@@ -84,16 +85,16 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int, bes
 
 def model_only(arch: str, patch: int, img: int, batch: int, device: torch.device, compile: bool, reps: int,
                bf16_weights: bool = False) -> dict:  # fmt: skip
-    from curation.embed import embed_batch, prepare_for_inference
+    """`bf16_weights` on CUDA: the stage's own inference options (curation.embed.CUDA_INFERENCE);
+    otherwise bf16 autocast over float32 weights on CUDA, float32 on CPU."""
+    from curation.embed import CUDA_INFERENCE, embed_batch, prepare_for_inference
     from pretrain.models import build_vit, vit_forward_flops
 
     torch.manual_seed(0)
     with device:  # random init where the model runs (a CPU init of ViT-H's 630M weights takes many seconds)
         model = build_vit(arch, patch_size=patch, img_size=img)
-    if bf16_weights:  # experiment: weights and activations in bf16 instead of autocast
-        model = model.to(torch.bfloat16)
-    model = prepare_for_inference(model, device, compile)
-    x = torch.randn(batch, 3, img, img, device=device, dtype=torch.bfloat16 if bf16_weights else torch.float32)
+    model = prepare_for_inference(model, device, compile, **(CUDA_INFERENCE if bf16_weights else {}))
+    x = torch.randn(batch, 3, img, img, device=device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         times = time_fn(lambda: embed_batch(model, x), reps, 3, device.type == "cuda")
@@ -102,15 +103,17 @@ def model_only(arch: str, patch: int, img: int, batch: int, device: torch.device
     del model
     return {
         "arch": arch, "patch_size": patch, "img_size": img, "batch_size": batch, "compile": compile,
-        "precision": "bf16 weights" if bf16_weights else ("bf16 autocast" if device.type == "cuda" else "fp32"),
+        "precision": "bf16 weights, fused GELU, tuned kernels (stage default)" if bf16_weights else ("bf16 autocast" if device.type == "cuda" else "fp32"),
         "gflops_per_image": flops / 1e9, "median_batch_s": med, "min_batch_s": min(times),
         "images_per_s": batch / med, "achieved_tflops": flops * batch / med / 1e12,
         "bench_wall_s_incl_warmup": time.perf_counter() - t0,
     }  # fmt: skip
 
 
-def end_to_end(tmp: Path, n: int, arch: str, patch: int, img: int, batch: int, device: str, workers: int,
-               shard: int) -> dict:  # fmt: skip
+def end_to_end(tmp: Path, n: int, arch: str, patch: int, img: int, batch: int, device: str,
+               workers: int | list[int], shard: int) -> dict:  # fmt: skip
+    """One pool, ingested once, embedded once per decode-worker count (the first run's figures at the top
+    level, every run under "runs")."""
     from curation.embed import run_embed
     from curation.ingest import run_ingest
 
@@ -120,20 +123,24 @@ def end_to_end(tmp: Path, n: int, arch: str, patch: int, img: int, batch: int, d
     t = time.perf_counter()
     run_ingest([tmp / "pool"], tmp / "ingest", workers=None)
     ingest_s = time.perf_counter() - t
-    marks: list[tuple[float, int]] = []
-    t = time.perf_counter()
-    m = run_embed(tmp / "ingest", None, tmp / "emb", arch=arch, patch_size=patch, img_size=img,
-                  allow_random_init=True, batch_size=batch, num_workers=workers, device=device, shard_size=shard,
-                  progress=lambda done, total: marks.append((time.perf_counter(), done)))  # fmt: skip
-    wall = time.perf_counter() - t
-    skip = min(2, len(marks) - 2)
-    (t_a, d_a), (t_b, d_b) = marks[skip], marks[-1]
+    runs = []
+    for w in [workers] if isinstance(workers, int) else workers:
+        marks: list[tuple[float, int]] = []
+        t = time.perf_counter()
+        m = run_embed(tmp / "ingest", None, tmp / f"emb{w}", arch=arch, patch_size=patch, img_size=img,
+                      allow_random_init=True, batch_size=batch, num_workers=w, device=device, shard_size=shard,
+                      progress=lambda done, total: marks.append((time.perf_counter(), done)))  # fmt: skip
+        wall = time.perf_counter() - t
+        skip = min(2, len(marks) - 2)
+        (t_a, d_a), (t_b, d_b) = marks[skip], marks[-1]
+        runs.append({"decode_workers": w, "embedded": m["counts"]["embedded"], "embed_wall_s": wall,
+                     "images_per_s_whole_call": n / wall,
+                     "images_per_s_steady": (d_b - d_a) / (t_b - t_a) if t_b > t_a else None})  # fmt: skip
+        print(json.dumps(runs[-1]), flush=True)
     return {
         "images": n, "mean_jpeg_kb": pool_bytes / n / 1024, "jpeg_size": "500x375", "arch": arch,
-        "patch_size": patch, "img_size": img, "batch_size": batch, "decode_workers": workers, "device": device,
-        "embedded": m["counts"]["embedded"], "pool_generation_s": gen_s, "ingest_s": ingest_s,
-        "embed_wall_s": wall, "images_per_s_whole_call": n / wall,
-        "images_per_s_steady": (d_b - d_a) / (t_b - t_a) if t_b > t_a else None,
+        "patch_size": patch, "img_size": img, "batch_size": batch, "shard_size": shard, "device": device,
+        "pool_generation_s": gen_s, "ingest_s": ingest_s, **runs[0], "runs": runs,
     }  # fmt: skip
 
 
@@ -151,7 +158,7 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
     res["model_only"] = mo
     with tempfile.TemporaryDirectory() as tmp:
         res["end_to_end"] = end_to_end(Path(tmp), args.images, args.arch, args.patch, args.img, args.batch,
-                                       "cpu", args.workers if args.workers is not None else 1, 64)  # fmt: skip
+                                       "cpu", args.workers if args.workers is not None else [1], 64)  # fmt: skip
     return res
 
 
@@ -166,20 +173,19 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         if args.partial_json:
             Path(args.partial_json).write_text(json.dumps(res, indent=2, default=str))
 
-    # (compile, bf16 weights): the stage's eager and compiled paths first, then an all-bf16 experiment;
-    # the end-to-end run goes after the first two, so that it is measured even if time runs short.
-    kinds = {"eager": (False, False), "compiled": (True, False), "bf16": (True, True)}
-    first = [kinds[k] for k in ("eager", "compiled") if k in args.gpu_variants]
-    variants = [(c, w, b) for b in args.gpu_batches for c, w in first]
-    variants += [(True, True, b) for b in args.gpu_batches if "bf16" in args.gpu_variants]
+    # (compile, stage options): the stage's own compiled bf16 path first, then the older autocast ones
+    # (compiled and eager) for comparison; the end-to-end run goes after the first two, so that it is
+    # measured even if time runs short.
+    kinds = {"stage": (True, True), "autocast-compiled": (True, False), "autocast-eager": (False, False)}
+    variants = [(*kinds[k], b) for k in kinds if k in args.gpu_variants for b in args.gpu_batches]
     if args.images and len(variants) < 2:
         variants += [None] * (2 - len(variants))  # the end-to-end run goes at index 2
     for i, v in enumerate(variants + [None]):
         if i == 2 and args.images:
             with tempfile.TemporaryDirectory() as tmp:
-                workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+                workers = args.workers if args.workers is not None else [os.cpu_count() or 1]
                 res["end_to_end"] = end_to_end(Path(tmp), args.images, args.arch, args.patch, args.img, args.batch,
-                                               "cuda", workers, 10_000)  # fmt: skip
+                                               "cuda", workers, args.shard_size)  # fmt: skip
             print(json.dumps(res["end_to_end"]), flush=True)
             save()
         if v is None:
@@ -207,11 +213,13 @@ def main() -> None:
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--batch", type=int, default=None, help="end-to-end batch (default: 16 CPU, 256 GPU)")
     ap.add_argument("--gpu-batches", type=int, nargs="+", default=[256, 512])
-    ap.add_argument("--gpu-variants", nargs="+", choices=("eager", "compiled", "bf16"),
-                    default=["eager", "compiled", "bf16"], help="model-only variants on GPU")
+    ap.add_argument("--gpu-variants", nargs="+", choices=("stage", "autocast-compiled", "autocast-eager"),
+                    default=["stage", "autocast-compiled", "autocast-eager"], help="model-only variants on GPU")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--images", type=int, default=None, help="end-to-end pool size (default: 96 CPU, 30000 GPU)")
-    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="decode worker counts for end-to-end runs (default: all CPUs on GPU, 1 on CPU)")
+    ap.add_argument("--shard-size", type=int, default=50_000, help="GPU end-to-end shard size (the stage's default)")
     ap.add_argument("--cpu-threads", type=int, default=1, help="torch threads for the CPU model-only figures")
     ap.add_argument("--partial-json", default=None, help="also dump partial GPU results here after each step")
     ap.add_argument("--name", default=None, help="result name (default: embed_cpu / embed_gpu)")

@@ -4,8 +4,9 @@
 
 - Images are read and decoded by DataLoader workers (`curation.decode`, the same decoding as ingest) and
   transformed with the fixed eval transform at the model's resolution (curation/embed_data.py).
-- On CUDA: pinned memory, non-blocking copies, bf16 autocast, optionally compiled blocks, and the copy of
-  batch k's results back to the host overlapped with batch k+1's forward. On CPU: float32.
+- On CUDA: pinned memory, non-blocking copies, bf16 weights and activations (`CUDA_INFERENCE`), compiled
+  blocks by default, and the copy of batch k's results back to the host overlapped with batch k+1's
+  forward. On CPU: float32.
 - The embedding is the backbone's normalised CLS token (`x_norm_clstoken`), stored through
   `curation.embedding_store` (float16, L2-normalised, `.npy` shards + index.parquet, manifest order).
 - Resumable at shard granularity: shard s holds manifest rows [s*shard_size, (s+1)*shard_size); each shard
@@ -42,6 +43,7 @@ from curation.ingest import read_manifest_table
 from lvdflow.errors import UserError
 from lvdflow.parts import MapUnits, in_daemon_process
 from lvdflow.stage import dir_digest, file_digest, publish, work_dir, write_json_atomic
+from pretrain.layers import use_gelu_epilogue
 from pretrain.models import VisionTransformer, build_vit, load_backbone
 
 log = logging.getLogger(__name__)
@@ -93,19 +95,51 @@ def build_embedder(
         raise UserError(str(exc)) from None
 
 
-def prepare_for_inference(model: VisionTransformer, device: torch.device, compile: bool) -> VisionTransformer:
-    """Eval mode on `device`; with `compile`, each transformer block compiled (regional compilation: the
-    identical blocks share one graph, so compiling ViT-H costs one block's compile, not 32)."""
+def prepare_for_inference(
+    model: VisionTransformer, device: torch.device, compile: bool, *, bf16_weights: bool = False,
+    gelu_epilogue: bool = False, tune_kernels: bool = False, compile_scope: str = "blocks",
+    compile_mode: str | None = None,
+) -> VisionTransformer:  # fmt: skip
+    """Eval mode on `device`.
+
+    - `compile`: each transformer block compiled (`compile_scope="blocks"`, regional compilation: the
+      identical blocks share one graph, so compiling ViT-H costs one block's compile, not 32), or the whole
+      `forward_features` (`"model"`: lets Inductor fuse across block boundaries, at a longer compile);
+      `compile_mode` is torch.compile's mode (None: the default). `tune_kernels` (with the default mode)
+      lets Inductor tune the block sizes of the kernels it generates (coordinate descent): its LayerNorm
+      kernels ran at a third of the memory bandwidth untuned (profile on an H100), +3% images/s overall.
+    - `bf16_weights` (CUDA): weights, and so the residual stream, in bf16 instead of bf16 autocast over
+      float32 weights, where the LayerNorm/residual kernels move float32 activations.
+    - `gelu_epilogue` (with bf16 weights): fc1 + GELU as one cuBLASLt matmul (pretrain/layers/fused_ops.py).
+    """
+    if compile_scope not in ("blocks", "model"):
+        raise ValueError(f"compile_scope must be 'blocks' or 'model', not {compile_scope!r}")
     model = model.to(device).eval()
+    if bf16_weights and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+        use_gelu_epilogue(model, gelu_epilogue)
     if compile:
-        for blk in model.blocks:
-            blk.compile()
+        kw: dict[str, Any] = {"mode": compile_mode}
+        if tune_kernels and compile_mode is None:
+            kw = {"options": {"coordinate_descent_tuning": True}}  # for this compilation only
+        if compile_scope == "model":
+            model.forward_features = torch.compile(model.forward_features, **kw)
+        else:
+            for blk in model.blocks:
+                blk.compile(**kw)
     return model
 
 
+# The stage's inference on CUDA, from H100 measurements of ViT-H/14 (bench/profile_embed_gpu.py): bf16
+# weights (autocast kept the residual stream in float32), fc1+GELU fused, Inductor's kernels tuned.
+CUDA_INFERENCE = {"bf16_weights": True, "gelu_epilogue": True, "tune_kernels": True}
+
+
 def embed_batch(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """Normalised images -> float32 CLS embeddings; bf16 autocast on CUDA, float32 elsewhere (a model already
-    cast to bf16 and given bf16 input runs as it is)."""
+    """Normalised images -> float32 CLS embeddings: bf16 on CUDA (autocast over float32 weights, or bf16
+    input for a model already cast to bf16), float32 elsewhere."""
+    if x.device.type == "cuda" and model.cls_token.dtype == torch.bfloat16:
+        x = x.to(torch.bfloat16)
     autocast = x.device.type == "cuda" and x.dtype == torch.float32
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         return model.forward_features(x)["x_norm_clstoken"].float()
@@ -151,7 +185,7 @@ class _Embedder:
     ) -> None:  # fmt: skip
         self.device = device
         self.cuda = device.type == "cuda"
-        self.model = prepare_for_inference(model, device, compile)
+        self.model = prepare_for_inference(model, device, compile, **(CUDA_INFERENCE if self.cuda else {}))
         self.transform = transform
         self.static_batch = batch_size if compile else None
         self.pending: tuple[Any, ...] | None = None
@@ -227,6 +261,30 @@ def _collect_failures(work: Path) -> list[dict]:
     return rows
 
 
+def make_loader(table: pa.Table, todo: list[int], *, shard_size: int, batch_size: int, num_workers: int,
+                img_size: int, max_pixels: int, resize_on_device: bool, pin_memory: bool) -> DataLoader:
+    """The stage's DataLoader over the manifest rows of shards `todo`: batches of uint8 images (resized
+    and cropped by the workers unless `resize_on_device`), as (indices, images, reasons)."""
+    dataset = ManifestImages(crop=img_size, max_pixels=max_pixels, resize_on_device=resize_on_device)
+    sampler = _ShardBatches(todo, table.num_rows, shard_size, batch_size, table.column("source").combine_chunks(),
+                            table.column("member").combine_chunks())  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        # Spawned, not forked: a stage often runs in a non-main thread (Prefect runs tasks so), and children
+        # forked from there can fail in interpreter shutdown (exit code 1, seen under Prefect). Not the
+        # forkserver either: its children outlive a kill -9 of this process (they watch their parent, the
+        # forkserver, which waits for them). Spawned workers see this process die and exit.
+        multiprocessing_context="spawn" if num_workers else None,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+
+
 def _embed_shards(model: VisionTransformer, dev: torch.device, table: pa.Table, todo: list[int], work: Path, *,
                   shard_size: int, batch_size: int, num_workers: int | None, img_size: int, max_pixels: int,
                   resize_on_device: bool, compile: bool | None, progress: Callable[[int, int], None] | None,
@@ -242,24 +300,9 @@ def _embed_shards(model: VisionTransformer, dev: torch.device, table: pa.Table, 
     threads_before = torch.get_num_threads()
     if not cuda:  # leave the decode workers their cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers) if num_workers else (os.cpu_count() or 1))
-    dataset = ManifestImages(crop=img_size, max_pixels=max_pixels, resize_on_device=resize_on_device)
-    sampler = _ShardBatches(todo, n, shard_size, batch_size, table.column("source").combine_chunks(),
-                            table.column("member").combine_chunks())  # fmt: skip
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        # Spawned, not forked: a stage often runs in a non-main thread (Prefect runs tasks so), and children
-        # forked from there can fail in interpreter shutdown (exit code 1, seen under Prefect). Not the
-        # forkserver either: its children outlive a kill -9 of this process (they watch their parent, the
-        # forkserver, which waits for them). Spawned workers see this process die and exit.
-        multiprocessing_context="spawn" if num_workers else None,
-        collate_fn=collate,
-        pin_memory=cuda,
-        worker_init_fn=worker_init if num_workers else None,
-        prefetch_factor=4 if num_workers else None,
-        persistent_workers=False,
-    )
+    loader = make_loader(table, todo, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
+                         img_size=img_size, max_pixels=max_pixels, resize_on_device=resize_on_device,
+                         pin_memory=cuda)  # fmt: skip
     transform = DeviceTransform(img_size, dev, resize_on_device)
     embedder = _Embedder(model, dev, compile=cuda if compile is None else compile, transform=transform,
                          batch_size=batch_size)  # fmt: skip
@@ -415,7 +458,7 @@ def run_embed(
     model_cfg = model.config.to_dict()
     resize_on_device = bool(resize_on_device)
     params = {"img_size": img_size, "shard_size": shard_size, "batch_size": batch_size, "device": dev.type,
-              "precision": "bf16-autocast" if dev.type == "cuda" else "fp32", "model": model_cfg,
+              "precision": "bf16" if dev.type == "cuda" else "fp32", "model": model_cfg,
               "resize_on_device": resize_on_device,
               "random_init_seed": None if weights_path else seed}  # fmt: skip
     out = Path(out)

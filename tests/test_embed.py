@@ -247,8 +247,8 @@ def test_cuda_bf16_embeddings_agree_with_cpu_fp32(tmp_path, weights):
     ingest = _pool(tmp_path, 10)
     kw = dict(img_size=32, batch_size=4, num_workers=2, shard_size=6)
     run_embed(ingest, weights, tmp_path / "cpu", device="cpu", **kw)
-    m = run_embed(ingest, weights, tmp_path / "gpu", device="cuda", **kw)  # compiled blocks, bf16 autocast
-    assert m["params"]["precision"] == "bf16-autocast" and m["counts"]["embedded"] == 10
+    m = run_embed(ingest, weights, tmp_path / "gpu", device="cuda", **kw)  # compiled blocks, bf16, fused GELU
+    assert m["params"]["precision"] == "bf16" and m["counts"]["embedded"] == 10
     ids_c, c = store.load_embeddings(tmp_path / "cpu")
     ids_g, g = store.load_embeddings(tmp_path / "gpu")
     assert ids_c == ids_g

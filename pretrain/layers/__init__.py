@@ -3,7 +3,7 @@
 from pretrain.layers.attention import Attention, attention, xformers_available
 from pretrain.layers.block import Block
 from pretrain.layers.drop_path import DropPath, drop_add_residual_subset, drop_path
-from pretrain.layers.ffn import FFN_LAYERS, Mlp, SwiGLUFFN, swiglu_hidden
+from pretrain.layers.ffn import FFN_LAYERS, Mlp, SwiGLUFFN, swiglu_hidden, use_gelu_epilogue
 from pretrain.layers.layer_scale import LayerScale
 from pretrain.layers.patch_embed import PatchEmbed
 
@@ -20,5 +20,6 @@ __all__ = [
     "drop_add_residual_subset",
     "drop_path",
     "swiglu_hidden",
+    "use_gelu_epilogue",
     "xformers_available",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.layers.fused_ops import can_fuse_gelu, linear_gelu_tanh
+
 
 def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
     """DINOv2's SwiGLU width: 2/3 of the MLP width (same parameter count), rounded up to a multiple of 8."""
@@ -21,9 +23,21 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        # Set by `use_gelu_epilogue` for bf16 inference on CUDA (see fused_ops.py); exact GELU otherwise.
+        self.gelu_epilogue = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gelu_epilogue and can_fuse_gelu(x, self.fc1.weight, self.fc1.bias):
+            return self.fc2(linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
+
+
+def use_gelu_epilogue(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every Mlp of `model` to the fused fc1+GELU matmul (bf16 CUDA inference); returns how many."""
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    for m in mlps:
+        m.gelu_epilogue = enabled
+    return len(mlps)
 
 
 class SwiGLUFFN(nn.Module):
