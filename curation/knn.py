@@ -14,7 +14,11 @@ runs the same code on the CPU.
 
 from __future__ import annotations
 
+import functools
 import math
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -26,8 +30,16 @@ IVF_FLAT_MAX = 5_000_000
 SEARCH_BATCH = 16_384
 
 
-def gpu_count() -> int:
-    """GPUs faiss can use: 0 with the faiss-cpu build, whatever CUDA sees with faiss-gpu."""
+_PROBE = """
+import faiss, numpy as np
+x = np.random.default_rng(0).normal(size=(256, 16)).astype("float32")
+index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), 16)
+index.add(x)
+assert index.search(x[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]
+"""
+
+
+def _faiss_gpus_visible() -> int:
     if not hasattr(faiss, "StandardGpuResources"):
         return 0
     try:
@@ -36,13 +48,35 @@ def gpu_count() -> int:
         return 0
 
 
+@functools.lru_cache(maxsize=1)
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with the faiss-cpu build, whatever CUDA sees with faiss-gpu, and 0 when the
+    faiss-gpu build has no kernels for this GPU.
+
+    The last case is real: the PyPI faiss-gpu-cu12 1.14.1 wheel carries no kernels for H100s (sm_90) and
+    its first GPU kernel then *aborts the process* ("no kernel image is available", a C++ assertion that
+    Python cannot catch). So a tiny search runs once in a child process first; if it dies, faiss runs on
+    the CPU here, with a warning saying why.
+    """
+    n = _faiss_gpus_visible()
+    if n == 0:
+        return 0
+    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        detail = (probe.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        warnings.warn(f"faiss sees {n} GPU(s) but its GPU kernels do not run here, so faiss runs on the CPU "
+                      f"(exit code {probe.returncode}: {detail})", RuntimeWarning, stacklevel=2)
+        return 0
+    return n
+
+
 def resolve_gpu(gpu: bool | None) -> bool:
-    """`None` means "when present"; `True` without a GPU build is a configuration error, said clearly."""
+    """`None` means "when present"; `True` without a usable GPU build is a configuration error, said clearly."""
     n = gpu_count()
     if gpu is None:
         return n > 0
     if gpu and n == 0:
-        raise RuntimeError("gpu=True but faiss sees no GPU (install faiss-gpu and check CUDA)")
+        raise RuntimeError("gpu=True but faiss has no usable GPU (install faiss-gpu built for this GPU, check CUDA)")
     return bool(gpu)
 
 

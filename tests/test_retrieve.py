@@ -236,7 +236,7 @@ def test_nothing_retrieved_still_publishes_an_empty_table(pool_dir):
 @pytest.mark.cuda
 def test_gpu_index_and_kmeans_match_cpu():
     if knn.gpu_count() == 0:
-        pytest.skip("faiss-gpu is not installed (the `gpu` extra)")
+        pytest.skip("no usable faiss GPU: faiss-gpu (the `gpu` extra) is absent or has no kernels for this GPU")
     rng = np.random.default_rng(7)
     x = l2_normalise(rng.normal(size=(20_000, 64))).astype(np.float16)
     for spec in ("Flat", "IVF64,SQfp16", "IVF64,PQ16"):
@@ -247,6 +247,21 @@ def test_gpu_index_and_kmeans_match_cpu():
         assert gpu.gpu and np.mean(a[:, 0] == b[:, 0]) > 0.9
     km = kmeans(x, 20, gpu=True)
     assert km.gpu and len(np.unique(km.assignment)) == 20
+
+
+def test_a_faiss_gpu_build_whose_kernels_abort_falls_back_to_the_cpu(monkeypatch):
+    # faiss-gpu-cu12 1.14.1 on an H100 aborts the process at its first kernel; the probe runs in a child.
+    knn.gpu_count.cache_clear()
+    monkeypatch.setattr(knn, "_faiss_gpus_visible", lambda: 1)
+    monkeypatch.setattr(knn, "_PROBE", "import os; os.abort()")
+    try:
+        with pytest.warns(RuntimeWarning, match="GPU kernels do not run here"):
+            assert knn.gpu_count() == 0
+        assert knn.resolve_gpu(None) is False
+        with pytest.raises(RuntimeError, match="no usable GPU"):
+            knn.resolve_gpu(True)
+    finally:
+        knn.gpu_count.cache_clear()
 
 
 def test_kmeanspp_seeds_find_small_components_random_seeds_miss():

@@ -16,16 +16,14 @@ import math
 import faiss
 import numpy as np
 
+from curation.knn import gpu_count
+
 log = logging.getLogger(__name__)
 
 
 def _maybe_gpu(index: faiss.Index) -> faiss.Index:
-    try:
-        if faiss.get_num_gpus() > 0:  # faiss-gpu build with a visible device
-            res = faiss.StandardGpuResources()
-            return faiss.index_cpu_to_gpu(res, 0, index)
-    except AttributeError:  # faiss-cpu has no GPU symbols
-        pass
+    if gpu_count() > 0:  # a faiss-gpu build whose kernels run on the visible device (see curation.knn)
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index
 
 

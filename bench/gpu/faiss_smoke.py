@@ -1,0 +1,11 @@
+import numpy as np, faiss, sys
+print("faiss", faiss.__version__, "gpus", faiss.get_num_gpus(), flush=True)
+res = faiss.StandardGpuResources()
+print("resources ok", flush=True)
+x = np.random.default_rng(0).normal(size=(2000, 64)).astype(np.float32)
+idx = faiss.GpuIndexFlatIP(res, 64)
+print("index ok", flush=True)
+idx.add(x)
+print("add ok", flush=True)
+D, I = idx.search(x[:10], 2)
+print("search ok", I[:3].tolist(), flush=True)
