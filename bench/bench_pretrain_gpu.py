@@ -48,7 +48,26 @@ def synthetic_batch(b: int, n_local: int, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
 
 
-def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_blocks_flag: bool = False) -> dict:
+def profile_steps(step, n: int, rows: int) -> dict:
+    """Top kernels by CUDA time over `n` steps, and how busy the GPU was (kernel time / wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    events = p.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {"profiled_steps": n, "profiled_wall_s": round(wall, 4), "kernel_s": round(kernel_us / 1e6, 4),
+            "gpu_busy_fraction": round(kernel_us / 1e6 / wall, 3)}
+
+
+def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_blocks_flag: bool = False,
+               profile_rows: int = 0) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     kw = dict(RECIPES[name])
@@ -91,6 +110,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     with counter:
         step()
     flops = counter.get_total_flops()
+    prof = profile_steps(step, 2, profile_rows) if profile_rows else {}
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     return {"arch": name, "patch": 14, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
@@ -98,7 +118,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
             "s_per_step": round(dt, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
             "peak_mem_GiB": round(mem, 2), "tflops_per_step": round(flops / 1e12, 3),
             "achieved_tflops": round(flops / dt / 1e12, 1),
-            "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None, "loss": float(loss.detach()), "gpu": gpu}
+            "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None, "loss": float(loss.detach()), "gpu": gpu, **prof}
 
 
 def main() -> int:
@@ -108,6 +128,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="also profile two steps and print the top ROWS kernels by CUDA time")
     ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "pretrain_gpu.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -116,7 +138,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.archs.split(","):
-        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile))
+        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile, args.profile))
         rows[-1]["compiled_blocks"] = args.compile
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ def main() -> None:
     r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     summary = train(tiny_config(stop_after=stop), out, dataset=ListStream(toy_images(32)[r::w], seed=r))
     if r == 0:
+        summary["backend"] = dist.get_backend() if dist.is_initialized() else None
         Path(out, "worker.json").write_text(json.dumps(summary, default=str))
     if dist.is_initialized():
         dist.destroy_process_group()

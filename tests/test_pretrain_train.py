@@ -4,6 +4,7 @@ torchrun with 2 CPU processes, resume on another process count, NaN handling, co
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -162,3 +163,23 @@ def test_fsdp2_two_cpu_processes_then_resume_in_one(tmp_path):
     resumed = train(tiny_config(), out, dataset=ListStream(toy_images(32)[::2]))
     assert resumed["resumed_from"] == 3 and resumed["world_size"] == 1
     assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if "total_loss" in r] == list(range(6))
+
+
+@pytest.mark.cuda
+def test_fsdp2_over_nccl_on_one_gpu_then_resume_without_torchrun(tmp_path):
+    """torchrun with one GPU process: it joins an NCCL group and trains FSDP2-sharded blocks in bf16 mixed
+    precision, the code path of a multi-GPU job; its DCP checkpoint then resumes in a plain CUDA process."""
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    worker = Path(__file__).with_name("pretrain_torchrun_worker.py")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                           "--master-port", str(_free_port()), str(worker), str(out), "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "worker.json").read_text())
+    assert s["backend"] == "nccl" and s["world_size"] == 1 and s["iterations_done"] == 3
+    assert {"__0_0.distcp", "rank_0.pt"} <= {p.name for p in (out / "checkpoints" / "it_00000003").iterdir()}
+    resumed = train(tiny_config(), out, dataset=ListStream(toy_images(32)))
+    assert resumed["resumed_from"] == 3 and resumed["world_size"] == 1
+    losses = [r["total_loss"] for r in read_metrics(out / "metrics.jsonl") if "total_loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
