@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.masking import MaskingGenerator, collate_crops  # noqa: E402
 from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
-from pretrain.train import build_meta_arch, compile_blocks  # noqa: E402
+from pretrain.train import build_meta_arch, compile_blocks, shard_with_fsdp2  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -49,7 +49,9 @@ def synthetic_batch(b: int, n_local: int, device) -> dict:
 
 
 def profile_steps(step, n: int, rows: int) -> dict:
-    """Top kernels by CUDA time over `n` steps, and how busy the GPU was (kernel time / wall time)."""
+    """Top kernels by CUDA time over `n` steps, and the summed kernel time per step. (The profiler's own
+    CPU overhead inflates the wall time of profiled steps, so kernel time / wall is only a lower bound on
+    how busy the GPU is.)"""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -62,12 +64,28 @@ def profile_steps(step, n: int, rows: int) -> dict:
     events = p.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return {"profiled_steps": n, "profiled_wall_s": round(wall, 4), "kernel_s": round(kernel_us / 1e6, 4),
-            "gpu_busy_fraction": round(kernel_us / 1e6 / wall, 3)}
+    return {"profiled_steps": n, "profiled_wall_s": round(wall, 4), "kernel_s_per_step": round(kernel_us / 1e6 / n, 4)}
+
+
+def join_single_process_group() -> None:
+    """A one-process NCCL group, as `torchrun --nproc-per-node 1` gives the trainer (pretrain/train.py)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_blocks_flag: bool = False,
-               profile_rows: int = 0) -> dict:
+               profile_rows: int = 0, fsdp: bool = False) -> dict:
+    """One recipe's step time, memory and MFU. `fsdp`: the trainer's torchrun path, student and teacher
+    sharded with FSDP2 (bf16 parameters for compute, float32 gradient reduction) in a one-process group;
+    otherwise plain modules under bf16 autocast."""
     from torch.utils.flop_counter import FlopCounterMode
 
     kw = dict(RECIPES[name])
@@ -80,6 +98,9 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     meta = build_meta_arch(cfg).to(dev)
     if compile_blocks_flag:
         compile_blocks(meta)
+    if fsdp:
+        join_single_process_group()
+        shard_with_fsdp2(meta, dev)
     groups = param_groups(meta.student, num_layers=len(meta.student["backbone"].blocks))
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], fused=True)
     apply_schedules(opt, lr=1e-4, last_layer_lr=1e-4, wd=0.04)
@@ -114,6 +135,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     return {"arch": name, "patch": 14, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
+            "mode": "FSDP2, bf16 params (one-process NCCL group)" if fsdp else "bf16 autocast, no FSDP",
             "params_student_M": round(sum(p.numel() for p in meta.student.parameters()) / 1e6, 1),
             "s_per_step": round(dt, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
             "peak_mem_GiB": round(mem, 2), "tflops_per_step": round(flops / 1e12, 3),
@@ -128,6 +150,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 in a one-process NCCL group (the trainer's "
+                    "torchrun path: bf16 parameters) instead of plain bf16 autocast")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="also profile two steps and print the top ROWS kernels by CUDA time")
     ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "pretrain_gpu.json"))
@@ -138,7 +162,8 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.archs.split(","):
-        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile, args.profile))
+        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile, args.profile,
+                               args.fsdp))
         rows[-1]["compiled_blocks"] = args.compile
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
