@@ -21,7 +21,8 @@ from torch import Tensor
 
 @torch.library.custom_op("lvdflow::linear_gelu_tanh", mutates_args=())
 def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """gelu_tanh(x @ weight.T + bias) for x of shape (..., in), weight (out, in), bias (out,)."""
+    """gelu_tanh(x @ weight.T + bias) for x of shape (..., in), weight (out, in), bias (out,), on CUDA
+    (on the CPU `_addmm_activation` applies the exact GELU; the model only takes this path on CUDA)."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
     return out.view(*x.shape[:-1], weight.shape[0])
