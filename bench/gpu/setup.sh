@@ -1,4 +1,4 @@
-# Source this on a lent GPU machine (bench/gpu/README.md): installs the carried wheels under /tmp/site and,
+# Source this on a lent GPU machine (see bench/gpu/README.md): installs the carried wheels under /tmp/site and,
 # for faiss-gpu-cu12 on a CUDA-13-only image, builds the cuBLAS 12 forwarding stubs (cublas12_shim.sh).
 # Idempotent: a warm machine keeps /tmp between calls.
 if [ ! -f /tmp/site/.done ]; then
