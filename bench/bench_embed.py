@@ -84,8 +84,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int, bes
 
 
 def model_only(arch: str, patch: int, img: int, batch: int, device: torch.device, compile: bool, reps: int,
-               bf16_weights: bool = False) -> dict:  # fmt: skip
-    """`bf16_weights` on CUDA: the stage's own inference options (curation.embed.CUDA_INFERENCE);
+               stage_options: bool = False) -> dict:  # fmt: skip
+    """`stage_options` on CUDA: the stage's own inference options (curation.embed.CUDA_INFERENCE);
     otherwise bf16 autocast over float32 weights on CUDA, float32 on CPU."""
     from curation.embed import CUDA_INFERENCE, embed_batch, prepare_for_inference
     from pretrain.models import build_vit, vit_forward_flops
@@ -93,7 +93,7 @@ def model_only(arch: str, patch: int, img: int, batch: int, device: torch.device
     torch.manual_seed(0)
     with device:  # random init where the model runs (a CPU init of ViT-H's 630M weights takes many seconds)
         model = build_vit(arch, patch_size=patch, img_size=img)
-    model = prepare_for_inference(model, device, compile, **(CUDA_INFERENCE if bf16_weights else {}))
+    model = prepare_for_inference(model, device, compile, **(CUDA_INFERENCE if stage_options else {}))
     x = torch.randn(batch, 3, img, img, device=device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -103,7 +103,7 @@ def model_only(arch: str, patch: int, img: int, batch: int, device: torch.device
     del model
     return {
         "arch": arch, "patch_size": patch, "img_size": img, "batch_size": batch, "compile": compile,
-        "precision": "bf16 weights, fused GELU, tuned kernels (stage default)" if bf16_weights else ("bf16 autocast" if device.type == "cuda" else "fp32"),
+        "precision": "bf16 weights, fused GELU, tuned kernels (stage default)" if stage_options else ("bf16 autocast" if device.type == "cuda" else "fp32"),
         "gflops_per_image": flops / 1e9, "median_batch_s": med, "min_batch_s": min(times),
         "images_per_s": batch / med, "achieved_tflops": flops * batch / med / 1e12,
         "bench_wall_s_incl_warmup": time.perf_counter() - t0,
@@ -190,13 +190,13 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
             save()
         if v is None:
             continue
-        compile, bf16w, batch = v
+        compile, stage, batch = v
         try:
-            mo = model_only(args.arch, args.patch, args.img, batch, dev, compile, args.reps, bf16w)
+            mo = model_only(args.arch, args.patch, args.img, batch, dev, compile, args.reps, stage)
             mo["mfu_vs_989_dense_bf16"] = mo["achieved_tflops"] * 1e12 / H100_BF16_DENSE_PEAK
             mo["fraction_of_measured_matmul"] = mo["achieved_tflops"] * 1e12 / peak
         except Exception as exc:  # keep the other variants' numbers
-            mo = {"batch_size": batch, "compile": compile, "bf16_weights": bf16w,
+            mo = {"batch_size": batch, "compile": compile, "stage_options": stage,
                   "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(mo), flush=True)
         res["model_only"].append(mo)

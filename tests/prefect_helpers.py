@@ -62,12 +62,6 @@ def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = No
             return client.read_flow_run(run_id)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int, env: dict, cwd, log_path, timeout: float = 240):

@@ -24,7 +24,8 @@ from pretrain.train import build_augmentation, train
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import ListStream, tiny_config, toy_images  # noqa: E402
 # The trainer tests' helpers: a stream that dies like a killed process, a free port.
-from test_pretrain_train import Crash, CrashingStream, _free_port  # noqa: E402
+from net_helpers import free_port  # noqa: E402
+from test_pretrain_train import Crash, CrashingStream  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -284,7 +285,7 @@ def test_fsdp2_two_cpu_processes_then_resume_in_one(teacher_run, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     worker = Path(__file__).with_name("distill_torchrun_worker.py")
     proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                           "--master-port", str(_free_port()), str(worker), str(teacher_run), str(out), "2"],
+                           "--master-port", str(free_port()), str(worker), str(teacher_run), str(out), "2"],
                           capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "worker.json").read_text())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pretrain.metrics_log import read_metrics
 from pretrain.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from net_helpers import free_port  # noqa: E402
 from pretrain_helpers import ListStream, tiny_config, toy_images  # noqa: E402
 
 LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")
@@ -138,12 +138,6 @@ def test_config_profiles_and_errors(tmp_path):
         TrainConfig(batch_size_per_rank=1).validate()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fsdp2_two_cpu_processes_then_resume_in_one(tmp_path):
     """torchrun, 2 processes, gloo: the student is sharded, training runs, and its DCP checkpoint resumes
@@ -153,7 +147,7 @@ def test_fsdp2_two_cpu_processes_then_resume_in_one(tmp_path):
     worker = Path(__file__).with_name("pretrain_torchrun_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                           "--master-port", str(_free_port()), str(worker), str(out), "3"],
+                           "--master-port", str(free_port()), str(worker), str(out), "3"],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "worker.json").read_text())
@@ -173,7 +167,7 @@ def test_fsdp2_over_nccl_on_one_gpu_then_resume_without_torchrun(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     worker = Path(__file__).with_name("pretrain_torchrun_worker.py")
     proc = subprocess.run([str(torchrun), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-                           "--master-port", str(_free_port()), str(worker), str(out), "3"],
+                           "--master-port", str(free_port()), str(worker), str(out), "3"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "worker.json").read_text())

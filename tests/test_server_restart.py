@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.image_helpers import noise_images
-from tests.prefect_helpers import free_port, start_server, stop_server, task_states
+from tests.net_helpers import free_port
+from tests.prefect_helpers import start_server, stop_server, task_states
 
 ROOT = Path(__file__).resolve().parents[1]
 
