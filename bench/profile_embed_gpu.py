@@ -11,6 +11,8 @@ Each variant goes through `curation.embed.prepare_for_inference` / `embed_batch`
   bf16-gelu-512     bf16-gelu at batch 512
   bf16-gelu-autotune    bf16-gelu with compile mode max-autotune-no-cudagraphs
   bf16-gelu-cdt     bf16-gelu with Inductor's coordinate-descent tuning of its generated kernels
+  stage             the stage's CUDA options (+ patch embedding as a GEMM, FFN residual folded into fc2)
+  stage-no-fold, stage-no-patch-matmul    the stage's options less one
 Prints one JSON line per variant (images/s, TFLOP/s, fraction of the 989 TFLOP/s dense bf16 peak) and,
 for the variants named in --profile, the top kernels by CUDA time. With --loader-images N it also times the
 stage's DataLoader alone (decode + resize + crop, no model) on N synthetic 500x375 JPEGs, for a few worker
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_embed import H100_BF16_DENSE_PEAK, make_pool, time_fn
-from curation.embed import embed_batch, prepare_for_inference
+from curation.embed import CUDA_INFERENCE, embed_batch, prepare_for_inference
 from pretrain.models import build_vit, vit_forward_flops
 
 VARIANTS = {
@@ -44,6 +46,10 @@ VARIANTS = {
     "bf16-gelu-autotune": (1, dict(bf16_weights=True, gelu_epilogue=True, compile_mode="max-autotune-no-cudagraphs")),
     # Inductor's coordinate-descent tuning of its own (LayerNorm, residual) kernels' block sizes
     "bf16-gelu-cdt": (1, dict(bf16_weights=True, gelu_epilogue=True)),
+    # The stage's CUDA options (curation.embed.CUDA_INFERENCE), and each of its last two options left out
+    "stage": (1, dict(CUDA_INFERENCE)),
+    "stage-no-fold": (1, {**CUDA_INFERENCE, "fold_residual": False}),
+    "stage-no-patch-matmul": (1, {**CUDA_INFERENCE, "patch_matmul": False}),
 }
 INDUCTOR_CONFIG = {"bf16-gelu-cdt": {"coordinate_descent_tuning": True}}
 

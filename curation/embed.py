@@ -98,7 +98,7 @@ def build_embedder(
 def prepare_for_inference(
     model: VisionTransformer, device: torch.device, compile: bool, *, bf16_weights: bool = False,
     gelu_epilogue: bool = False, tune_kernels: bool = False, compile_scope: str = "blocks",
-    compile_mode: str | None = None,
+    compile_mode: str | None = None, patch_matmul: bool = False, fold_residual: bool = False,
 ) -> VisionTransformer:  # fmt: skip
     """Eval mode on `device`.
 
@@ -111,6 +111,11 @@ def prepare_for_inference(
     - `bf16_weights` (CUDA): weights, and so the residual stream, in bf16 instead of bf16 autocast over
       float32 weights, where the LayerNorm/residual kernels move float32 activations.
     - `gelu_epilogue` (with bf16 weights): fc1 + GELU as one cuBLASLt matmul (pretrain/layers/fused_ops.py).
+    - `patch_matmul`: the patch embedding as a matmul over unfolded patches instead of a convolution.
+    - `fold_residual`: each block's second residual add done by the fc2 GEMM itself, LayerScale folded into
+      fc2's weight (Block.fold_ffn_residual).
+    With compiled blocks, the token preparation (patch embedding, CLS concatenation, position embeddings)
+    is compiled as a region of its own too, so Inductor fuses its copies and adds.
     """
     if compile_scope not in ("blocks", "model"):
         raise ValueError(f"compile_scope must be 'blocks' or 'model', not {compile_scope!r}")
@@ -118,6 +123,9 @@ def prepare_for_inference(
     if bf16_weights and device.type == "cuda":
         model = model.to(torch.bfloat16)
         use_gelu_epilogue(model, gelu_epilogue)
+    model.patch_embed.as_matmul = patch_matmul
+    for blk in model.blocks:  # after the last dtype/device move: the folded weights are derived copies
+        blk.fold_ffn_residual(fold_residual)
     if compile:
         kw: dict[str, Any] = {"mode": compile_mode}
         if tune_kernels and compile_mode is None:
@@ -127,12 +135,15 @@ def prepare_for_inference(
         else:
             for blk in model.blocks:
                 blk.compile(**kw)
+            model.prepare_tokens_with_masks = torch.compile(model.prepare_tokens_with_masks, **kw)
     return model
 
 
 # The stage's inference on CUDA, from H100 measurements of ViT-H/14 (bench/profile_embed_gpu.py): bf16
-# weights (autocast kept the residual stream in float32), fc1+GELU fused, Inductor's kernels tuned.
-CUDA_INFERENCE = {"bf16_weights": True, "gelu_epilogue": True, "tune_kernels": True}
+# weights (autocast kept the residual stream in float32), fc1+GELU fused, Inductor's kernels tuned, the
+# patch embedding as a GEMM, the FFN's residual add inside the fc2 GEMM.
+CUDA_INFERENCE = {"bf16_weights": True, "gelu_epilogue": True, "tune_kernels": True, "patch_matmul": True,
+                  "fold_residual": True}  # fmt: skip
 
 
 def embed_batch(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
@@ -341,10 +352,13 @@ def _embed_shards(model: VisionTransformer, dev: torch.device, table: pa.Table, 
         return False
 
     stopped = False
+    last = len(loader) - 1
     try:
-        for batch in loader:
-            res = embedder.submit(batch)
-            if res is not None and consume(res):
+        for i, batch in enumerate(loader):
+            results = [embedder.submit(batch)]
+            if i == last:  # collect it now: the loader's next step first shuts its workers down (~1.5 s)
+                results.append(embedder.submit(None))
+            if any(res is not None and consume(res) for res in results):
                 stopped = True
                 break
         if not stopped:

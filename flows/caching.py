@@ -26,7 +26,7 @@ CODE_VERSION: dict[str, str] = {
     "ingest": "1",
     "dedup": "2",  # built-in descriptor: two keypoint scales, wider spread test
     "select": "1",
-    "embed": "2",  # 2: bf16 weights + fused GELU on CUDA (CPU output unchanged)
+    "embed": "3",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged)
     "retrieve": "1",
     "shard": "1",
     "pretrain": "2",  # teacher_checkpoint.pth carries the loss centres

@@ -273,3 +273,12 @@ def test_short_batches_are_padded_to_the_compiled_shape(weights):
     _, padded, _ = e.submit((torch.arange(3), imgs, ["", "", ""]))
     assert seen == [3, 4] and padded.shape == (3, 64)
     np.testing.assert_allclose(padded, plain, atol=1e-5)
+
+
+def test_device_transform_normalises_like_the_v2_transforms():
+    from curation.embed_data import DeviceTransform
+
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    got = DeviceTransform(8, torch.device("cpu"), False)(batch)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, normalise_batch()(batch), rtol=1e-6, atol=1e-6)

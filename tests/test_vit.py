@@ -217,3 +217,40 @@ def test_bf16_gelu_epilogue_matches_exact_gelu_and_survives_compile():
         use_gelu_epilogue(m)
         got = m.to(torch.bfloat16).forward_features(y.to(torch.bfloat16))["x_norm_clstoken"].float()
     assert F.cosine_similarity(got, want).min() > 0.99
+
+
+def test_patch_embedding_as_matmul_equals_the_convolution():
+    from pretrain.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(patch_size=14, in_chans=3, embed_dim=32)
+    x = torch.randn(2, 3, 28, 42)  # not square: rows and columns must not be swapped
+    want = pe(x)
+    pe.as_matmul = True
+    got = pe(x)
+    assert got.shape == want.shape == (2, 6, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        pe(torch.randn(1, 3, 30, 28))
+
+
+@pytest.mark.parametrize("layerscale", [True, False])
+def test_folded_ffn_residual_equals_the_block(layerscale):
+    """x + ls2(fc2(h)) as one accumulating GEMM with gamma folded into fc2: the same outputs as the plain
+    block in float32, eager and compiled; training mode and the SwiGLU FFN keep the plain path."""
+    torch.manual_seed(0)
+    blk = Block(64, 4, 256, init_values=1e-5 if layerscale else None).eval()
+    with torch.no_grad():
+        if layerscale:
+            blk.ls2.gamma.uniform_(0.5, 1.5)  # far from the init, so a missing gain would show
+        blk.mlp.fc2.bias.normal_()
+    x = torch.randn(3, 10, 64)
+    with torch.no_grad():
+        want = blk(x)
+        assert blk.fold_ffn_residual()
+        torch.testing.assert_close(blk(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.compile(blk)(x), want, rtol=1e-5, atol=1e-5)
+        blk.mlp.fc2.weight.mul_(2)  # the fold is a copy: the plain path sees the change, the folded one not
+        assert not torch.allclose(blk.train()(x), blk.eval()(x))
+        assert not blk.fold_ffn_residual(False) and blk.folded_fc2 is None
+    assert not Block(64, 4, 256, ffn_layer="swiglu").fold_ffn_residual()

@@ -26,10 +26,14 @@ class Mlp(nn.Module):
         # Set by `use_gelu_epilogue` for bf16 inference on CUDA (see fused_ops.py); exact GELU otherwise.
         self.gelu_epilogue = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
+        """gelu(fc1(x)): the activation fc2 reads."""
         if self.gelu_epilogue and can_fuse_gelu(x, self.fc1.weight, self.fc1.bias):
-            return self.fc2(linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
-        return self.fc2(self.act(self.fc1(x)))
+            return linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)
+        return self.act(self.fc1(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.hidden(x))
 
 
 def use_gelu_epilogue(model: nn.Module, enabled: bool = True) -> int:
