@@ -121,15 +121,19 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _to_gpu(index: faiss.Index) -> faiss.Index:
-    # float16 lookup tables: GPU IVF-PQ with more than 48 sub-quantisers needs them (shared memory limit).
+def to_gpu(index: faiss.Index, *, float16: bool = True) -> faiss.Index:
+    """`index` cloned onto every GPU faiss can use, its database split over them (not replicated).
+
+    `float16`: half-precision storage and lookup tables (GPU IVF-PQ with more than 48 sub-quantisers needs
+    them: shared memory limit). Retrieval takes them; copy detection does not (its scores meet a threshold).
+    """
     if faiss.get_num_gpus() == 1:
         co = faiss.GpuClonerOptions()
-        co.useFloat16 = True
+        co.useFloat16 = float16
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index, co)
     co = faiss.GpuMultipleClonerOptions()
-    co.useFloat16 = True
-    co.shard = True  # split the database over GPUs instead of replicating it
+    co.useFloat16 = float16
+    co.shard = True
     return faiss.index_cpu_to_all_gpus(index, co=co)
 
 
@@ -179,7 +183,7 @@ def build_index(
         # Set on the CPU index: cloning to GPU copies nprobe (GPU indexes need GpuParameterSpace otherwise).
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     if use_gpu:
-        index = _to_gpu(index)  # empty but trained: the vectors are added on the GPU, batch by batch
+        index = to_gpu(index)  # empty but trained: the vectors are added on the GPU, batch by batch
     for start in range(0, n, add_batch):
         index.add(_as_f32(vectors[start : start + add_batch]))
     return KnnIndex(index=index, spec=spec, gpu=use_gpu, ntotal=n)

@@ -58,6 +58,26 @@ def test_knn_pairs_exact_and_ivf_find_planted_neighbours():
         assert len(pairs) < 130  # random 32-d vectors are not above 0.9 of each other
 
 
+@pytest.mark.cuda
+def test_gpu_index_finds_the_cpu_pairs():
+    from curation.knn import gpu_count
+
+    if gpu_count() == 0:
+        pytest.skip("no usable faiss GPU: faiss-gpu (the `gpu` extra) is absent or has no kernels for this GPU")
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((5000, 64)).astype(np.float32)
+    x = np.concatenate([base, base[:200] + 0.05 * rng.standard_normal((200, 64)).astype(np.float32)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for kind in ("flat", "ivf"):
+        cpu, _ = build_index(x, kind=kind, use_gpu=False)
+        gpu, info = build_index(x, kind=kind, use_gpu=True)
+        assert info["gpu"], kind
+        a = knn_pairs(cpu, x, 8, min_score=0.9, exclude_self=True)
+        b = knn_pairs(gpu, x, 8, min_score=0.9, exclude_self=True)
+        assert set(zip(a[0].tolist(), a[1].tolist())) == set(zip(b[0].tolist(), b[1].tolist())), kind
+        np.testing.assert_allclose(np.sort(a[2]), np.sort(b[2]), atol=1e-4)  # float32 on the GPU too
+
+
 def test_keep_rule_largest_then_first_seen_and_reasons():
     hashes = ["h0", "h1", "h2", "h1", "h4", None]
     area = np.array([100, 400, 400, 400, 50, 0])

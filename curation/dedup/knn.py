@@ -16,15 +16,9 @@ import math
 import faiss
 import numpy as np
 
-from curation.knn import gpu_count
+from curation.knn import gpu_count, to_gpu
 
 log = logging.getLogger(__name__)
-
-
-def _maybe_gpu(index: faiss.Index) -> faiss.Index:
-    if gpu_count() > 0:  # a faiss-gpu build whose kernels run on the visible device (see curation.knn)
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
 
 
 def build_index(base: np.ndarray, *, kind: str = "auto", exact_max: int = 200_000,
@@ -57,8 +51,8 @@ def build_index(base: np.ndarray, *, kind: str = "auto", exact_max: int = 200_00
         info.update(nlist=nlist, storage=quant, nprobe=faiss.extract_index_ivf(index).nprobe)
     else:
         raise ValueError(f"unknown index kind {kind!r}")
-    if use_gpu:
-        index = _maybe_gpu(index)
+    if use_gpu and gpu_count() > 0:  # a faiss-gpu build whose kernels run on the visible device
+        index = to_gpu(index, float16=False)
     info["gpu"] = "Gpu" in type(index).__name__
     for start in range(0, n, 262_144):
         index.add(np.ascontiguousarray(base[start:start + 262_144]))
