@@ -203,10 +203,11 @@ class VisionTransformer(nn.Module):
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         # The token stream keeps the patch embedding's dtype: under bf16 autocast it is bf16 end to end
-        # (as with bf16 parameters under FSDP2). The official code concatenates the fp32 CLS token without a
-        # cast, which promotes its stream to fp32 under autocast; in fp32 the two are bit-identical.
+        # (as with bf16 parameters under FSDP2): CLS token, position embeddings and LayerScale gains are cast
+        # to it. The official code adds them in float32, which promotes its stream to float32 under autocast;
+        # in float32 the two are bit-identical.
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        x = x + self.interpolate_pos_encoding(x, h, w)
+        x = x + self.interpolate_pos_encoding(x, h, w).to(x.dtype)
         if self.register_tokens is not None:
             regs = self.register_tokens.expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat((x[:, :1], regs, x[:, 1:]), dim=1)
