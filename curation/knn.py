@@ -33,7 +33,7 @@ SEARCH_BATCH = 16_384
 _PROBE = """
 import faiss, numpy as np
 x = np.random.default_rng(0).normal(size=(256, 16)).astype("float32")
-index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), 16)
+index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), 16)  # L2: each row's nearest is itself
 index.add(x)
 assert index.search(x[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]
 """
