@@ -293,3 +293,12 @@ def test_cli_bad_inputs_fail_in_one_line(tmp_path, capsys):
     assert "needs --queries" in capsys.readouterr().err
     assert main(["shard", str(tmp_path / "emb"), "--out", str(tmp_path / "o")]) == 2
     assert "neither retrieved.parquet nor manifest.parquet" in capsys.readouterr().err
+
+
+def test_the_gpu_probe_check_holds_for_a_working_index():
+    # The probe's check, run on the CPU index of the same kind, must pass: with an inner-product index of
+    # unnormalised vectors it did not (a row's best match need not be itself), so a working faiss GPU build
+    # was reported unusable on an H100.
+    code = knn._PROBE.replace("faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), 16)", "faiss.IndexFlatL2(16)")
+    assert code != knn._PROBE
+    exec(code, {})
