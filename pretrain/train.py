@@ -88,10 +88,10 @@ def compile_blocks(meta: SSLMetaArch) -> None:
     """torch.compile every transformer block of student and teacher (in place; the block is the unit that
     repeats, so one compiled graph per crop shape serves all of them).
 
-    Measured on an H100 (bench/bench_pretrain_gpu.py, ViT-L/14, batch 32): with stochastic depth each
-    block's rate and subset size differ, so the blocks recompile until Dynamo's limit and the rest run
-    eagerly; compiling only the residual branches instead (no rate inside, shared graphs) was slower still
-    (0.233 vs 0.192 s/step), so this stays as it is until the step is profiled further."""
+    On an H100 (bench/bench_pretrain_gpu.py --compile, ViT-L/14, batch 32) Dynamo recompiled the block
+    once (grad mode, for the teacher), yet the profile showed every block's LayerNorm and SiLU as eager ATen
+    kernels: with xformers installed its attention broke each block's graph. Attention now takes SDPA
+    while Dynamo traces (pretrain/layers/attention.py); the step time of the result is not yet measured."""
     for net in (meta.student, meta.teacher):
         for blk in net["backbone"].blocks:
             blk.compile()

@@ -161,6 +161,30 @@ def test_xformers_and_sdpa_agree_on_cuda(monkeypatch):
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def test_xformers_is_not_traced_by_torch_compile(monkeypatch):
+    import importlib
+    from types import SimpleNamespace
+
+    attn_mod = importlib.import_module("pretrain.layers.attention")  # the package exports a function of that name
+
+    monkeypatch.setattr(attn_mod, "xformers_available", lambda: True)
+    cuda_q = SimpleNamespace(is_cuda=True)
+    assert attn_mod.use_xformers(cuda_q) and not attn_mod.use_xformers(SimpleNamespace(is_cuda=False))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as while Dynamo traces a block
+    assert not attn_mod.use_xformers(cuda_q)
+
+
+@pytest.mark.cuda
+def test_a_training_block_compiles_to_one_graph_on_cuda():
+    """Regional compilation only pays if each block is one graph: on an H100 the compiled trainer's blocks
+    ran eagerly with xformers installed (its kernel breaks graphs). Whatever is installed, none here."""
+    blk = Block(64, 4, 256, ffn_layer="swiglu", init_values=1e-5, drop_path=0.4).cuda().train()
+    xs = [torch.randn(8, 17, 64, device="cuda"), torch.randn(16, 5, 64, device="cuda")]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ex = torch._dynamo.explain(blk)(xs)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+
+
 def test_get_intermediate_layers():
     m = tiny(depth=3, num_register_tokens=2)
     x = torch.randn(2, 3, 56, 28)

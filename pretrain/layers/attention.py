@@ -1,8 +1,8 @@
 """Multi-head self-attention with one fused kernel per call.
 
-On CUDA, xformers' `memory_efficient_attention` is used when it is installed (the official DINOv2 kernel);
-everywhere else `torch.nn.functional.scaled_dot_product_attention`, which dispatches to FlashAttention /
-memory-efficient / math kernels by itself. Both compute softmax(q k^T / sqrt(d)) v with the same weights, so
+On CUDA, xformers' `memory_efficient_attention` is used when it is installed (the official DINOv2 kernel),
+outside torch.compile'd regions; everywhere else `torch.nn.functional.scaled_dot_product_attention`, which
+dispatches to FlashAttention / memory-efficient / math kernels by itself. Both compute softmax(q k^T / sqrt(d)) v with the same weights, so
 a checkpoint gives the same outputs either way (up to kernel rounding).
 
 Parameter names (`qkv`, `proj`) follow the official DINOv2 and timm layouts, so checkpoints map 1:1.
@@ -27,13 +27,20 @@ def xformers_available() -> bool:
     return _xformers_attention is not None and os.environ.get("LVDFLOW_DISABLE_XFORMERS", "") in ("", "0")
 
 
+def use_xformers(q: Tensor) -> bool:
+    """xformers for CUDA tensors when installed, except while torch.compile traces: its kernel is opaque to
+    Dynamo (a graph break in every block, facebookresearch/xformers#765), so inside a compiled region SDPA,
+    which Inductor traces, computes the same function."""
+    return q.is_cuda and xformers_available() and not torch.compiler.is_compiling()
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Scaled dot-product attention on (B, N, H, Dh) tensors; returns (B, N, H, Dh).
 
     The (B, N, H, Dh) layout is xformers' native one; SDPA wants heads before tokens, so it gets transposed
     views (no copy: SDPA handles the strides).
     """
-    if q.is_cuda and xformers_available():
+    if use_xformers(q):
         return _xformers_attention(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
