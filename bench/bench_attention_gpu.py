@@ -23,7 +23,8 @@ from bench.common import write_result
 def _sdpa(backend):
     def run(q, k, v):
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
 
     return run
 
@@ -40,7 +41,9 @@ def candidates() -> dict:
     for name in ("flash3", "flash", "cutlass", "ck"):
         mod = getattr(fmha, name, None)
         if mod is not None and hasattr(mod, "FwOp"):
-            runs[f"xformers_{name}"] = lambda q, k, v, op=mod.FwOp: fmha.memory_efficient_attention_forward(q, k, v, op=op)
+            runs[f"xformers_{name}"] = lambda q, k, v, op=mod.FwOp: fmha.memory_efficient_attention_forward(
+                q, k, v, op=op
+            )
     return runs
 
 

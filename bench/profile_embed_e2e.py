@@ -33,7 +33,9 @@ from bench.bench_embed import make_pool
 
 
 def _intervals(events) -> list[tuple[float, float, str]]:
-    return sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA)
+    # Kernels and copies only: the profiler's step annotations also sit on the GPU timeline, spanning it all.
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                  if e.device_type == DeviceType.CUDA and not e.name.startswith("ProfilerStep"))
 
 
 def _union(iv: list[tuple[float, float, str]]) -> tuple[float, list[tuple[float, float]]]:
@@ -76,7 +78,9 @@ def analyse(events, n_batches: int, top: int = 12) -> dict:
         "idle_ms_in_gaps_longer_than": gap_hist,
         "gaps": len(gaps),
         "longest_gaps": gap_rows,
-        "kernel_ms_per_batch_top": {k: v / 1e3 / n_batches for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]},
+        "kernel_ms_per_batch_top": {
+            k: v / 1e3 / n_batches for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]
+        },
     }
 
 
@@ -163,7 +167,8 @@ def main() -> None:
                                          batch_size=args.batch, num_workers=args.workers, device="cuda",
                                          shard_size=args.shard_size, progress=progress)  # fmt: skip
         if args.events:
-            result["events"] = forward_events(lambda: run(lambda done, total: marks.append((time.perf_counter(), done))))
+            mark = lambda done, total: marks.append((time.perf_counter(), done))  # noqa: E731
+            result["events"] = forward_events(lambda: run(mark))
             steady = marks[2:]
             result["steady_images_per_s"] = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
             full = [m for m in steady if m[1] % args.batch == 0]
@@ -182,7 +187,8 @@ def main() -> None:
             if args.trace:
                 p.export_chrome_trace(args.trace)
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched, on_trace_ready=ready) as prof:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities, schedule=sched, on_trace_ready=ready) as prof:
 
             def progress(done: int, total: int) -> None:
                 marks.append((time.perf_counter(), done))

@@ -2,8 +2,9 @@
 
 On CUDA, xformers' `memory_efficient_attention` is used when it is installed (the official DINOv2 kernel),
 outside torch.compile'd regions; everywhere else `torch.nn.functional.scaled_dot_product_attention`, which
-dispatches to FlashAttention / memory-efficient / math kernels by itself. Both compute softmax(q k^T / sqrt(d)) v with the same weights, so
-a checkpoint gives the same outputs either way (up to kernel rounding).
+dispatches to FlashAttention / memory-efficient / math kernels by itself. Both compute
+softmax(q k^T / sqrt(d)) v with the same weights, so a checkpoint gives the same outputs either way (up to
+kernel rounding).
 
 Parameter names (`qkv`, `proj`) follow the official DINOv2 and timm layouts, so checkpoints map 1:1.
 Set LVDFLOW_DISABLE_XFORMERS=1 to force the PyTorch kernel (useful to compare the two).

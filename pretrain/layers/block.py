@@ -61,9 +61,10 @@ class Block(nn.Module):
             self.folded_fc2 = None
             return False
         fc2 = self.mlp.fc2
-        gamma = self.ls2.gamma.float() if isinstance(self.ls2, LayerScale) else torch.ones_like(fc2.weight[:, 0], dtype=torch.float32)
-        bias = fc2.bias.float() if fc2.bias is not None else torch.zeros_like(gamma)
-        self.folded_fc2 = ((fc2.weight.float() * gamma[:, None]).to(fc2.weight.dtype), (bias * gamma).to(fc2.weight.dtype))
+        w = fc2.weight.float()
+        gamma = self.ls2.gamma.float() if isinstance(self.ls2, LayerScale) else w.new_ones(w.shape[0])
+        bias = fc2.bias.float() if fc2.bias is not None else w.new_zeros(w.shape[0])
+        self.folded_fc2 = ((w * gamma[:, None]).to(fc2.weight.dtype), (bias * gamma).to(fc2.weight.dtype))
         return True
 
     def _ffn_residual_folded(self, x: Tensor) -> Tensor:
