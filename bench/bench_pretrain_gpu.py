@@ -132,6 +132,12 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
         step()
     flops = counter.get_total_flops()
     prof = profile_steps(step, 2, profile_rows) if profile_rows else {}
+    if compile_blocks_flag:  # whether the blocks really compiled: one graph each, no breaks
+        from torch._dynamo.utils import counters
+
+        prof["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
+                          "graph_breaks": sum(counters["graph_break"].values()),
+                          "break_reasons": sorted(counters["graph_break"])[:5]}  # fmt: skip
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     return {"arch": name, "patch": 14, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
