@@ -137,7 +137,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
 
         prof["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
                           "graph_breaks": sum(counters["graph_break"].values()),
-                          "break_reasons": sorted(counters["graph_break"])[:5]}  # fmt: skip
+                          "break_reasons": [r[:200] for r in sorted(counters["graph_break"])[:5]]}  # fmt: skip
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     return {"arch": name, "patch": 14, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
