@@ -3,9 +3,9 @@
     .venv/bin/python -m bench.bench_embed                 # CPU: a small ViT (vit_small/14 @224, fp32, 1 thread)
     python3 -m bench.bench_embed --mode gpu               # GPU: ViT-H/14 @224, bf16 (production embedder)
 
-Model-only: random input already on the device, `embed_batch` (the stage's own forward: on CUDA bf16
-weights with fused fc1+GELU and tuned Inductor kernels, see curation.embed.CUDA_INFERENCE, plus the older
-bf16-autocast paths for comparison; fp32 on CPU), median of timed repetitions after warm-up, CUDA-synchronised. FLOPs are the matmul
+Model-only: random input already on the device, `embed_batch` (the stage's own forward: on CUDA the
+options of curation.embed.CUDA_INFERENCE, plus the older bf16-autocast paths for comparison; fp32 on CPU),
+median of timed repetitions after warm-up, CUDA-synchronised. FLOPs are the matmul
 FLOPs of the forward (pretrain.models.flops, 334.6 GFLOPs per image for ViT-H/14 @224); utilisation is
 against the dense bf16 datasheet peak (H100 SXM: 989 TFLOP/s) and against a matmul measured here, and on
 CPU against a float32 matmul measured here with the same thread count (best repetition of each).
@@ -104,11 +104,23 @@ def model_only(arch: str, patch: int, img: int, batch: int, device: torch.device
     del model
     return {
         "arch": arch, "patch_size": patch, "img_size": img, "batch_size": batch, "compile": compile,
-        "precision": "bf16 weights, fused GELU, tuned kernels (stage default)" if stage_options else ("bf16 autocast" if device.type == "cuda" else "fp32"),
+        "precision": ("stage default: " + ", ".join(k for k, on in CUDA_INFERENCE.items() if on)) if stage_options
+                     else ("bf16 autocast" if device.type == "cuda" else "fp32"),
         "gflops_per_image": flops / 1e9, "median_batch_s": med, "min_batch_s": min(times),
         "images_per_s": batch / med, "achieved_tflops": flops * batch / med / 1e12,
         "bench_wall_s_incl_warmup": time.perf_counter() - t0,
     }  # fmt: skip
+
+
+def steady_rates(marks: list[tuple[float, int]], batch: int) -> dict:
+    """Images/s from progress marks (time, images done): from the third batch (after worker start-up and
+    compilation) to the last, and to the last full batch (without a shard's padded last batch)."""
+    skip = min(2, len(marks) - 2)
+    (t_a, d_a), (t_b, d_b) = marks[skip], marks[-1]
+    full = [mk for mk in marks[skip:] if mk[1] % batch == 0]
+    (t_c, d_c) = full[-1] if len(full) > 1 else (t_b, d_b)
+    return {"images_per_s_steady": (d_b - d_a) / (t_b - t_a) if t_b > t_a else None,
+            "images_per_s_steady_full_batches": (d_c - d_a) / (t_c - t_a) if t_c > t_a else None}  # fmt: skip
 
 
 def end_to_end(tmp: Path, n: int, arch: str, patch: int, img: int, batch: int, device: str,
@@ -132,14 +144,8 @@ def end_to_end(tmp: Path, n: int, arch: str, patch: int, img: int, batch: int, d
                       allow_random_init=True, batch_size=batch, num_workers=w, device=device, shard_size=shard,
                       progress=lambda done, total: marks.append((time.perf_counter(), done)))  # fmt: skip
         wall = time.perf_counter() - t
-        skip = min(2, len(marks) - 2)
-        (t_a, d_a), (t_b, d_b) = marks[skip], marks[-1]
-        full = [mk for mk in marks[skip:] if mk[1] % batch == 0]  # without the padded last batch
-        (t_c, d_c) = full[-1] if len(full) > 1 else (t_b, d_b)
         runs.append({"decode_workers": w, "embedded": m["counts"]["embedded"], "embed_wall_s": wall,
-                     "images_per_s_whole_call": n / wall,
-                     "images_per_s_steady": (d_b - d_a) / (t_b - t_a) if t_b > t_a else None,
-                     "images_per_s_steady_full_batches": (d_c - d_a) / (t_c - t_a) if t_c > t_a else None})  # fmt: skip
+                     "images_per_s_whole_call": n / wall, **steady_rates(marks, batch)})  # fmt: skip
         print(json.dumps(runs[-1]), flush=True)
     return {
         "images": n, "mean_jpeg_kb": pool_bytes / n / 1024, "jpeg_size": "500x375", "arch": arch,

@@ -29,7 +29,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from bench.bench_embed import make_pool
+from bench.bench_embed import make_pool, steady_rates
 
 
 def _intervals(events) -> list[tuple[float, float, str]]:
@@ -169,46 +169,43 @@ def main() -> None:
         if args.events:
             mark = lambda done, total: marks.append((time.perf_counter(), done))  # noqa: E731
             result["events"] = forward_events(lambda: run(mark))
-            steady = marks[2:]
-            result["steady_images_per_s"] = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
-            full = [m for m in steady if m[1] % args.batch == 0]
-            result["steady_images_per_s_full_batches"] = (full[-1][1] - full[0][1]) / (full[-1][0] - full[0][0])
-            print(json.dumps(result, indent=1), flush=True)
-            result["model_only_back_to_back"] = back_to_back(args.batch, args.b2b_batches)
-            print(json.dumps(result["model_only_back_to_back"]), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=1))
-            return
-        sched = schedule(wait=args.skip, warmup=2, active=args.active, repeat=1)
-        captured = {}
-
-        def ready(p) -> None:
-            captured["events"] = p.events()
-            if args.trace:
-                p.export_chrome_trace(args.trace)
-
-        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-        with profile(activities=activities, schedule=sched, on_trace_ready=ready) as prof:
-
-            def progress(done: int, total: int) -> None:
-                marks.append((time.perf_counter(), done))
-                prof.step()
-
-            run(progress)
-    a, b = args.skip + 2, args.skip + 2 + args.active
-    if len(marks) > b:
-        (t_a, d_a), (t_b, d_b) = marks[a], marks[b]
-        result["window_wall_per_batch_ms"] = (t_b - t_a) / args.active * 1e3
-        result["window_images_per_s"] = (d_b - d_a) / (t_b - t_a)
-    steady = marks[2:]
-    result["steady_images_per_s"] = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
-    result["timeline"] = analyse(captured.get("events", []), args.active) if captured else {"error": "no trace"}
+        else:
+            result.update(profiled_window(run, marks, args))
+    result.update(steady_rates(marks, args.batch))
     print(json.dumps(result, indent=1), flush=True)
     torch.cuda.empty_cache()
     result["model_only_back_to_back"] = back_to_back(args.batch, args.b2b_batches)
     print(json.dumps(result["model_only_back_to_back"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def profiled_window(run, marks: list[tuple[float, int]], args: argparse.Namespace) -> dict:
+    """`run(progress)` under a profiler stepping once per batch; the window's wall rate and GPU timeline."""
+    sched = schedule(wait=args.skip, warmup=2, active=args.active, repeat=1)
+    captured = {}
+
+    def ready(p) -> None:
+        captured["events"] = p.events()
+        if args.trace:
+            p.export_chrome_trace(args.trace)
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities, schedule=sched, on_trace_ready=ready) as prof:
+
+        def progress(done: int, total: int) -> None:
+            marks.append((time.perf_counter(), done))
+            prof.step()
+
+        run(progress)
+    out: dict = {}
+    a, b = args.skip + 2, args.skip + 2 + args.active
+    if len(marks) > b:
+        (t_a, d_a), (t_b, d_b) = marks[a], marks[b]
+        out["window_wall_per_batch_ms"] = (t_b - t_a) / args.active * 1e3
+        out["window_images_per_s"] = (d_b - d_a) / (t_b - t_a)
+    out["timeline"] = analyse(captured["events"], args.active) if captured else {"error": "no trace"}
+    return out
 
 
 if __name__ == "__main__":

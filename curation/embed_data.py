@@ -67,11 +67,6 @@ def eval_transform_uint8(crop: int) -> v2.Compose:
     return v2.Compose([PreReduce(crop), v2.PILToTensor(), resize_crop(crop)])
 
 
-def normalise_batch() -> v2.Compose:
-    """uint8 batch (B, 3, H, W) on any device -> float32 ImageNet-normalised."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
 class DeviceTransform:
     """Batch from the loader -> normalised float32 (B, 3, crop, crop) on `device`.
 

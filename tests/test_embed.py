@@ -18,13 +18,20 @@ from PIL import Image
 
 from curation import embedding_store as store
 from curation.embed import run_embed
-from curation.embed_data import ManifestImages, eval_transform_uint8, normalise_batch
+from curation.embed_data import IMAGENET_MEAN, IMAGENET_STD, ManifestImages, eval_transform_uint8
 from curation.ingest import run_ingest
 from lvdflow.errors import UserError
 from pretrain.models import build_vit, save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=64, depth=2, num_heads=2, patch_size=16, img_size=32)
+
+
+def normalise_batch():
+    """The reference normalisation: torchvision's v2 transforms (the stage's DeviceTransform must match)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _pool(tmp: Path, n: int, tar_n: int = 0) -> Path:
