@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.masking import MaskingGenerator, collate_crops  # noqa: E402
 from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
-from pretrain.train import build_meta_arch, compile_blocks, shard_with_fsdp2  # noqa: E402
+from pretrain.train import build_meta_arch, compile_for_training, shard_with_fsdp2  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -97,7 +97,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     torch.manual_seed(0)
     meta = build_meta_arch(cfg).to(dev)
     if compile_blocks_flag:
-        compile_blocks(meta)
+        compile_for_training(meta)
     if fsdp:
         join_single_process_group()
         shard_with_fsdp2(meta, dev)

@@ -85,7 +85,7 @@ class TrainConfig:
     eval_every: int = 0  # kNN on eval_train/eval_test every N iterations (0: only at the end)
     eval_image_size: int = 0  # 0: global_crops_size
     num_threads: int = 0  # torch CPU threads (0: torch's default)
-    compile: bool = False  # torch.compile each transformer block (GPU runs; compiled before FSDP2 sharding)
+    compile: bool = False  # torch.compile each transformer block and the loss kernels (GPU runs; before FSDP2)
     stop_after: int = 0  # stop (after checkpointing) once this iteration is reached; 0: run to total_iters
 
     def validate(self) -> "TrainConfig":

@@ -62,6 +62,11 @@ class SSLMetaArch(nn.Module):
         self.koleo_loss = KoLeoLoss()
         self.train()
 
+    def compile_losses(self) -> None:
+        """torch.compile the losses' passes over the (rows, K) logits (see losses/functional.py)."""
+        for loss in (self.dino_loss, self.ibot_loss):
+            loss.compile_math()
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
@@ -103,12 +108,10 @@ class SSLMetaArch(nn.Module):
         else:
             logits = self.teacher["dino_head"](torch.cat((cls, patches)))
             cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
-        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
+        # (The loss kernels upcast the logits to float32 themselves.)
         if self.centering == "centering":
-            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-            patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
-            self.dino_loss.update_center(cls_logits)
-            self.ibot_loss.update_center(patch_logits)
+            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp, update_center=True)
+            patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp, update_center=True)
         else:
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
@@ -143,12 +146,15 @@ class SSLMetaArch(nn.Module):
         s_local_logits, s_global_logits = cls_logits[:n_loc], cls_logits[n_loc:]
 
         # DINOv2 bookkeeping: every local crop against both teacher views, each global crop against the
-        # other view, all divided by the number of terms (2 * n_local + 2).
+        # other view, all divided by the number of terms (2 * n_local + 2). The local crops are crop-major
+        # (n_local, B) rows; cross-entropy is linear in the target, so both views count as their sum.
         n_terms = 2 * n_local + 2
-        t_views = list(teacher_probs.chunk(2))
-        dino_local = (self.dino_loss(list(s_local_logits.chunk(n_local)), t_views) / n_terms
-                      if n_local else s_global_logits.sum() * 0.0)
-        dino_global = self.dino_loss([s_global_logits], [teacher_probs]) * 2 / n_terms
+        if n_local:
+            both_views = teacher_probs[:n_half] + teacher_probs[n_half:]
+            dino_local = self.dino_loss(s_local_logits.unflatten(0, (n_local, n_half)), both_views) / n_terms
+        else:
+            dino_local = s_global_logits.sum() * 0.0
+        dino_global = self.dino_loss(s_global_logits, teacher_probs) * 2 / n_terms
         koleo = sum(self.koleo_loss(c) for c in s_global_cls.chunk(2))
         if use_ibot:
             ibot = self.ibot_loss.forward_masked(s_patch_logits, teacher_patch_probs, batch["masks_weight"],
@@ -188,5 +194,7 @@ class SSLMetaArch(nn.Module):
         batch_entropy = -(mean_t * torch.log(mean_t.clamp_min(1e-12))).sum()
         lsm = F.log_softmax(s_global_logits.float() / self.dino_loss.student_temp, dim=-1)
         kl = (t * (log_t - lsm)).sum(-1).mean()
+        # torch.full on the device: a tensor from host data would be a blocking copy in every step.
+        log_k = torch.full((), math.log(t.shape[-1]), device=t.device)
         return {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy, "teacher_student_kl": kl,
-                "log_prototypes": torch.tensor(math.log(t.shape[-1]))}
+                "log_prototypes": log_k}

@@ -84,17 +84,24 @@ def shard_with_fsdp2(meta: SSLMetaArch, device: torch.device) -> None:
             fully_shard(net[name], mesh=mesh, mp_policy=mp)
 
 
-def compile_blocks(meta: SSLMetaArch) -> None:
-    """torch.compile every transformer block of student and teacher (in place; the block is the unit that
-    repeats, so one compiled graph per crop shape serves all of them).
+def compile_for_training(meta: torch.nn.Module) -> None:
+    """torch.compile, in place, every transformer block of every network in `meta` (student and teacher,
+    or a distillation's teacher and students), and the losses' passes over their (rows, K) logits.
 
-    On an H100 (bench/bench_pretrain_gpu.py --compile, ViT-L/14, batch 32) Dynamo recompiled the block
-    once (grad mode, for the teacher), yet the profile showed every block's LayerNorm and SiLU as eager ATen
-    kernels: with xformers installed its attention broke each block's graph. Attention now takes SDPA
-    while Dynamo traces (pretrain/layers/attention.py); the step time of the result is not yet measured."""
-    for net in (meta.student, meta.teacher):
-        for blk in net["backbone"].blocks:
-            blk.compile()
+    Regional compilation: the block is the unit that repeats, so one graph per crop shape serves all of them,
+    and the loss kernels are compiled apart (losses/functional.py). On an H100 (bench/bench_pretrain_gpu.py
+    --compile, ViT-L/14, batch 32) Dynamo recompiled the block once (grad mode, for the teacher), yet the
+    profile showed every block's LayerNorm and SiLU as eager ATen kernels: with xformers installed its
+    attention broke each block's graph. Attention now takes SDPA while Dynamo traces
+    (pretrain/layers/attention.py)."""
+    from pretrain.layers.block import Block
+    from pretrain.losses.centering import CenteredTargets
+
+    for module in meta.modules():
+        if isinstance(module, Block):
+            module.compile()
+        elif isinstance(module, CenteredTargets):
+            module.compile_math()
 
 
 def init_distributed() -> torch.device:
@@ -166,7 +173,7 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (FSDP shards one model)
     meta = build_meta_arch(cfg).to(device)
     if cfg.compile:
-        compile_blocks(meta)
+        compile_for_training(meta)
     if is_dist():
         shard_with_fsdp2(meta, device)
     torch.manual_seed(cfg.seed + 1000 * rank())  # per-rank stochastic depth draws

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_dino_loss_known_value_uniform_student():
     loss = DINOLoss(4)
-    student = [torch.zeros(3, 4), torch.zeros(3, 4)]  # uniform predictions
-    teacher = [F.one_hot(torch.tensor([0, 1, 2]), 4).float()]
+    student = torch.zeros(2, 3, 4)  # two crops of three images, uniform predictions
+    teacher = F.one_hot(torch.tensor([0, 1, 2]), 4).float()
     assert loss(student, teacher).item() == pytest.approx(2 * math.log(4), rel=1e-6)
 
 
@@ -25,7 +25,17 @@ def test_dino_loss_matches_explicit_cross_entropy():
     torch.manual_seed(0)
     s, t = torch.randn(5, 7), torch.softmax(torch.randn(5, 7), -1)
     expected = -(t * torch.log_softmax(s / 0.1, -1)).sum(-1).mean()
-    assert DINOLoss(7)([s], [t]).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert DINOLoss(7)(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert DINOLoss(7)(s.bfloat16(), t).item() == pytest.approx(expected.item(), rel=2e-2)  # upcast inside
+
+
+def test_dino_loss_against_summed_views_is_the_sum_over_views():
+    # What meta_arch relies on for the local crops: one term against t1 + t2 equals the two terms.
+    torch.manual_seed(0)
+    s, t1, t2 = torch.randn(3, 5, 7), torch.softmax(torch.randn(5, 7), -1), torch.softmax(torch.randn(5, 7), -1)
+    loss = DINOLoss(7)
+    torch.testing.assert_close(loss(s, t1 + t2), loss(s, t1) + loss(s, t2))
+    assert loss(s, t1) > 0
 
 
 def test_softmax_centering_uses_then_updates_center():
@@ -37,6 +47,17 @@ def test_softmax_centering_uses_then_updates_center():
     assert torch.allclose(loss.center, 0.1 * logits.mean(0, keepdim=True))
     probs2 = loss.softmax_center_teacher(logits, 0.5)
     assert torch.allclose(probs2, torch.softmax((logits - loss.center) / 0.5, -1))
+    # The one-pass form: targets with the centre from before, then the same EMA step.
+    other = DINOLoss(3, center_momentum=0.9)
+    other.load_state_dict(loss.state_dict())
+    probs3 = other.softmax_center_teacher(logits, 0.5, update_center=True)
+    assert torch.equal(probs3, probs2)
+    loss.update_center(logits)
+    torch.testing.assert_close(other.center, loss.center)
+    # No rows at all: the centre is kept (decided on the device, without reading a value back).
+    kept = other.center.clone()
+    other.softmax_center_teacher(logits[:0], 0.5, update_center=True)
+    assert torch.equal(other.center, kept)
 
 
 def test_sinkhorn_knopp_is_doubly_stochastic():
@@ -136,3 +157,42 @@ def test_sinkhorn_knopp_matches_plain_iteration_where_that_is_finite():
     torch.manual_seed(1)
     t = torch.randn(20, 12)
     assert torch.allclose(sinkhorn_knopp(t, 0.5, 3), _official_sinkhorn(t, 0.5, 3), atol=1e-5)
+
+
+def _sinkhorn_rank(rank: int, world: int, port: int, rows: list, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        logits = torch.load(out + ".in")
+        lo = sum(rows[:rank])
+        mine = logits[lo: lo + rows[rank]]
+        q = sinkhorn_knopp(mine, 0.1, 3)
+        loss = DINOLoss(logits.shape[1])
+        loss.softmax_center_teacher(mine, 0.1, update_center=True)
+        torch.save({"q": q, "center": loss.center}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rows", [[5, 9], [6, 0]])
+def test_sinkhorn_and_centre_over_two_ranks_equal_one_process_on_all_rows(tmp_path, rows):
+    """Ranks with different row counts (iBOT's masked patches; even none) balance the prototypes over the
+    union of their rows, and the centre moves by the mean over all rows, as one process holding them all."""
+    import torch.multiprocessing as mp
+
+    from net_helpers import free_port
+
+    torch.manual_seed(0)
+    logits = torch.randn(sum(rows), 8) * 2 + torch.arange(8.0)  # unbalanced prototypes
+    out = str(tmp_path / "r")
+    torch.save(logits, out + ".in")
+    mp.spawn(_sinkhorn_rank, args=(2, free_port(), rows, out), nprocs=2, join=True)
+    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    torch.testing.assert_close(torch.cat([p["q"] for p in parts]), sinkhorn_knopp(logits, 0.1, 3))
+    single = DINOLoss(8)
+    single.update_center(logits)
+    for p in parts:
+        torch.testing.assert_close(p["center"], single.center)
+    assert parts[1]["q"].shape == (rows[1], 8)
+

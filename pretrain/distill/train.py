@@ -37,7 +37,8 @@ from pretrain.distributed import is_dist, rank, world_size
 from pretrain.loop import (LoopSpec, build_optimizer, eval_device, finish, knn_eval, lr_and_schedules, resume,
                            run_cli, run_loop)
 from pretrain.param_groups import param_groups
-from pretrain.train import build_augmentation, build_backbone, init_distributed, open_shard_stream, shard_with_fsdp2
+from pretrain.train import (build_augmentation, build_backbone, compile_for_training, init_distributed, open_shard_stream,
+                            shard_with_fsdp2)
 
 
 # ---- construction ------------------------------------------------------------------------------------
@@ -141,6 +142,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "teacher": teacher_info}, indent=2,
                                                     sort_keys=True) + "\n")
+    if cfg.compile:
+        compile_for_training(meta)
     if is_dist():
         for student in meta.students.values():
             shard_with_fsdp2(student, device)

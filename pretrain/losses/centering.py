@@ -1,91 +1,107 @@
-"""Teacher-target centering shared by the DINO and iBOT losses: EMA softmax centering and Sinkhorn-Knopp."""
+"""Teacher-target centering shared by the DINO and iBOT losses: EMA softmax centering and Sinkhorn-Knopp.
+
+The heavy passes over the (rows, K) logits are `functional.LossMath` kernels (eager, or compiled by
+`CenteredTargets.compile_math`); what is left here is (1, K) bookkeeping and the collectives. Nothing in a
+training step reads a value back to the host: a GPU step then never waits for the device to drain.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 
 from pretrain.distributed import all_reduce_sum, is_dist, world_size
+from pretrain.losses.functional import EAGER, LossMath
 
 
-def _logsumexp_all_ranks(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """log(sum(exp(x))) over `dim` (or everything) and over all ranks, stable for any magnitude."""
-    m = (x.amax() if dim is None else x.amax(dim=dim, keepdim=True)).detach().clone()
+def _merge_column_logsumexp(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The logsumexp over all ranks' rows from each rank's (column max m, sum of exp(x - m)): after the max
+    is agreed, each rank's sum is rescaled to it and the sums add up (exact, as in online softmax)."""
     if is_dist() and world_size() > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    s = torch.exp(x - m)
-    s = s.sum() if dim is None else s.sum(dim=dim, keepdim=True)
-    return m + torch.log(all_reduce_sum(s))
+        m_all = m.clone()
+        dist.all_reduce(m_all, op=dist.ReduceOp.MAX)
+        s = all_reduce_sum(s * torch.exp(m - m_all))
+        m = m_all
+    return m + torch.log(s)
 
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3,
-                   n_samples_total: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Teacher targets by Sinkhorn-Knopp (SwAV / DINOv2), rows are samples, columns prototypes.
+                   math: LossMath = EAGER) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (SwAV / DINOv2): rows are samples, columns prototypes.
 
-    Alternately normalises the K x B matrix exp(t / T) so that prototypes get equal mass and every sample
-    gets mass 1, with sums over samples all-reduced across ranks (the whole global batch is balanced).
-    Same iterations as DINOv2, computed in fp32 in the log domain: with T = 0.04 the official exp(t / T)
-    overflows or underflows for logits a few units apart, here no sample or prototype can end up as
-    0/0. `n_samples_total` is the global number of rows (default: local rows x world size; iBOT passes the
-    all-reduced count of masked patches, which differs per rank). Returns a (B, K) matrix whose rows sum
-    to 1.
+    Alternately gives every prototype equal mass, over the samples of all ranks (the whole global batch is
+    balanced; ranks may hold different numbers of rows, as iBOT's masked patches do), and every sample mass
+    1. Same iterations as DINOv2, in float32 in the log domain: with T = 0.04 the official exp(t / T)
+    overflows or underflows for logits a few units apart, while here no sample or prototype can end up as
+    0/0. Returns a (B, K) matrix whose rows sum to 1.
     """
-    lq = (teacher_logits.float() / teacher_temp).t()  # K x B, log of the unnormalised matrix
-    k = lq.shape[0]
-    if n_samples_total is None:
-        b = lq.shape[1] * world_size()
-    else:
-        b = float(n_samples_total.item()) if isinstance(n_samples_total, torch.Tensor) else float(n_samples_total)
-    log_k, log_b = math.log(k), math.log(max(b, 1.0))
-    lq = lq - _logsumexp_all_ranks(lq)
-    for _ in range(n_iterations):
-        lq = lq - _logsumexp_all_ranks(lq, dim=1) - log_k  # each prototype: mass 1/K (over all ranks' samples)
-        lq = lq - torch.logsumexp(lq, dim=0, keepdim=True) - log_b  # each sample: mass 1/B (columns are local)
-    return torch.exp(lq + log_b).t()
+    if n_iterations < 1:
+        raise ValueError("sinkhorn_knopp needs at least one iteration")
+    x, scale = teacher_logits, 1.0 / teacher_temp
+    k = x.shape[1]
+    for i in range(n_iterations):
+        if x.shape[0]:
+            m, s = math.column_max_and_sumexp(x, scale)
+        else:  # no rows here, but the collectives must still be joined
+            m = torch.full((1, k), float("-inf"), device=x.device)
+            s = torch.zeros((1, k), device=x.device)
+        column_lse = _merge_column_logsumexp(m, s)
+        last = i == n_iterations - 1
+        x = math.sinkhorn_step(x, scale, column_lse, last) if x.shape[0] else x.float()
+        scale = 1.0
+    return x
 
 
 @torch.no_grad()
 def softmax_centered(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-    return torch.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+    return EAGER.centered_softmax(teacher_logits, center, teacher_temp)[0]
 
 
 @torch.no_grad()
-def ema_update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-    """center <- m * center + (1 - m) * mean of the teacher logits over all rows of all ranks (in place)."""
-    rows = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
-    s = all_reduce_sum(rows.sum(dim=0, keepdim=True))
-    n = all_reduce_sum(torch.tensor([float(rows.shape[0])], device=rows.device))
-    if n.item() == 0:
-        return  # nothing masked anywhere this step: keep the centre
-    center.mul_(momentum).add_(s / n, alpha=1 - momentum)
+def ema_update_center(center: torch.Tensor, column_sum: torch.Tensor, n_rows: int, momentum: float) -> None:
+    """center <- m * center + (1 - m) * the mean teacher logit over all rows of all ranks (in place).
+
+    Takes this rank's column sums and row count. With no rows on any rank the centre is kept, decided on
+    the device: no value is read back."""
+    s = all_reduce_sum(column_sum.to(center.dtype))
+    # torch.full, not torch.tensor: a fill kernel, where a tensor from host data is a blocking copy.
+    n = all_reduce_sum(torch.full((1, 1), float(n_rows), device=center.device, dtype=center.dtype))
+    updated = center * momentum
+    updated.add_(s / n.clamp_min(1.0), alpha=1 - momentum)
+    center.copy_(torch.where(n > 0, updated, center))
 
 
 class CenteredTargets(torch.nn.Module):
-    """What the DINO and iBOT losses share: the (1, K) centre buffer, owned once, and the teacher targets.
-
-    Subclasses add their cross-entropy; iBOT overrides `sinkhorn_knopp_teacher` to balance over the global
-    count of masked tokens.
-    """
+    """What the DINO and iBOT losses share: the (1, K) centre buffer, owned once, the teacher targets, and
+    the math kernels (`self.math`: eager, or compiled by `compile_math`)."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.math = EAGER
+
+    def compile_math(self) -> None:
+        self.math = LossMath.compiled()
 
     @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Targets with the current centre; call `update_center` afterwards with the same logits."""
-        return softmax_centered(teacher_logits, self.center, teacher_temp)
+    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float,
+                               update_center: bool = False) -> torch.Tensor:
+        """Targets with the current centre. With `update_center` the centre then takes its EMA step from
+        these logits (from the same pass over them), as `update_center(teacher_logits)` would."""
+        probs, column_sum = self.math.centered_softmax(teacher_logits, self.center, teacher_temp)
+        if update_center:
+            ema_update_center(self.center, column_sum, teacher_logits.shape[0], self.center_momentum)
+        return probs
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float,
                                n_iterations: int = 3) -> torch.Tensor:
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, math=self.math)
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        ema_update_center(self.center, teacher_logits, self.center_momentum)
+        rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        ema_update_center(self.center, rows.float().sum(dim=0, keepdim=True), rows.shape[0], self.center_momentum)
