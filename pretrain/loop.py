@@ -3,7 +3,9 @@
 Each trainer builds its model, optimizer, schedules and batch stream, describes itself as a `LoopSpec`
 (what to call, what to checkpoint, which gradients to clip, how to update its EMA, what to export) and
 hands it to `run_loop`, which owns the per-iteration steps: batch, one optimisation step, metric reduction
-and the stop on a non-finite loss, the metrics record, checkpoints, periodic exports with kNN. `resume`
+and the stop on a non-finite loss, the metrics record, checkpoints, periodic exports with kNN. A step's
+metrics are read one step late, so the host queues step i+1 while the device runs step i; no checkpoint or
+export is written before the loss of the step it holds has been checked. `resume`
 restores a run from its latest checkpoint and `finish` closes it. The public steps can also be called one
 by one (the distillation tests drive `optimizer_step` by hand).
 
@@ -47,16 +49,43 @@ def eval_device(device: torch.device):
     return "cpu" if device.type == "cpu" else device
 
 
-def reduce_metrics(metrics: dict, device) -> dict[str, float]:
-    """The mean over ranks of each (scalar tensor) metric, as floats."""
-    keys = sorted(metrics)
-    vec = torch.stack([metrics[k].detach().float().to(device).reshape(()) for k in keys])
-    vec = all_reduce_sum(vec) / world_size()
-    return {k: float(v) for k, v in zip(keys, vec.tolist())}
+class PendingMetrics:
+    """One step's metrics, averaged over ranks on the device and copied to the host without waiting.
+
+    The loop reads them one step later, once the host has queued the next step: reading at once (as
+    `.tolist()` would) makes the host wait for the device to drain at every step boundary, and the GPU then
+    idles while the host prepares and launches the next step. The copy is queued right behind the step's
+    own kernels, so the read waits for nothing after them."""
+
+    def __init__(self, metrics: dict, device):
+        self.keys = sorted(metrics)
+        vec = torch.stack([metrics[k].detach().float().to(device).reshape(()) for k in self.keys])
+        vec = all_reduce_sum(vec) / world_size()
+        self.ready = None
+        if vec.is_cuda:
+            self.host = vec.to("cpu", non_blocking=True)  # into pinned memory, ordered after the step
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = vec
+
+    def values(self) -> dict[str, float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {k: float(v) for k, v in zip(self.keys, self.host.tolist())}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """The batch's tensors on `device`. To a GPU through pinned memory: a copy from pageable memory makes
+    the host wait for the device to finish all queued work first, i.e. the previous step."""
+    def move(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if device.type == "cuda" and v.device.type == "cpu" and not v.is_pinned():
+            v = v.pin_memory()
+        return v.to(device, non_blocking=True)
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -171,19 +200,17 @@ def run_loop(cfg: TrainConfig, out: Path, spec: LoopSpec, *, device: torch.devic
     highres_from = cfg.total_iters - cfg.highres_iters if cfg.highres_iters else cfg.total_iters + 1
     last_record: dict = {}
     t_last, n_since = time.perf_counter(), 0
-    spec.model.train()
-    for it in range(start, stop):
-        highres = it >= highres_from
-        if highres not in augs:
-            augs[highres] = spec.build_augmentation(highres)
-        batch = to_device(spec.stream.next_batch(it, augs[highres], cfg.patch_size), device)
-        if spec.prepare_batch is not None:
-            batch = spec.prepare_batch(batch)
-        s = spec.sched.at(it)
-        metrics = optimizer_step(spec.model, spec.optimizer, batch, s, it, cfg=cfg, last_layer=spec.last_layer,
-                                 clip_modules=spec.clip_modules, autocast=autocast, update_ema=spec.update_ema)
+    pending: tuple | None = None  # (iteration, schedules, highres, PendingMetrics) not yet read
+
+    def settle() -> None:
+        """Read the pending step's metrics: stop on a non-finite loss, naming its iteration; log them."""
+        nonlocal pending, last_record, t_last, n_since
+        if pending is None:
+            return
+        it, s, highres, metrics = pending
+        pending = None
+        reduced = metrics.values()
         n_since += 1
-        reduced = reduce_metrics(metrics, device)
         check_finite(reduced, it, ckroot, spec.what)
         if it == start and rank() == 0 and spec.on_first_step is not None:
             spec.on_first_step(reduced)
@@ -198,11 +225,31 @@ def run_loop(cfg: TrainConfig, out: Path, spec: LoopSpec, *, device: torch.devic
             if rank() == 0:
                 print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in last_record.items()}),
                       flush=True)
-        if done % cfg.checkpoint_every == 0 or done == stop:
+
+    spec.model.train()
+    for it in range(start, stop):
+        highres = it >= highres_from
+        if highres not in augs:
+            augs[highres] = spec.build_augmentation(highres)
+        batch = to_device(spec.stream.next_batch(it, augs[highres], cfg.patch_size), device)
+        if spec.prepare_batch is not None:
+            batch = spec.prepare_batch(batch)
+        s = spec.sched.at(it)
+        metrics = optimizer_step(spec.model, spec.optimizer, batch, s, it, cfg=cfg, last_layer=spec.last_layer,
+                                 clip_modules=spec.clip_modules, autocast=autocast, update_ema=spec.update_ema)
+        step_metrics = PendingMetrics(metrics, device)
+        settle()  # the previous step's, while this one runs
+        pending = (it, s, highres, step_metrics)
+        done = it + 1
+        want_checkpoint = done % cfg.checkpoint_every == 0 or done == stop
+        want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
+        want_export = bool(cfg.export_every and done % cfg.export_every == 0) or want_eval
+        if want_checkpoint or want_export:
+            settle()  # nothing is saved from a step whose loss is not known to be finite
+        if want_checkpoint:
             save_checkpoint(ckroot, done, spec.checkpointed, spec.optimizer, spec.stream.state_dict(),
                             spec.checkpoint_config, cfg.keep_checkpoints)
-        want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
-        if (cfg.export_every and done % cfg.export_every == 0) or want_eval:
+        if want_export:
             backbones = spec.export(out / "exports" / f"it_{done:08d}", done)
             for prefix, backbone in backbones.items() if want_eval else ():
                 res = knn_eval(backbone, cfg, eval_train, eval_test, eval_device(device))
@@ -211,6 +258,7 @@ def run_loop(cfg: TrainConfig, out: Path, spec: LoopSpec, *, device: torch.devic
                 print(json.dumps(record), flush=True)
             if is_dist():
                 dist.barrier()
+    settle()
     return log, last_record, stop
 
 

@@ -88,21 +88,27 @@ def test_outputs_exports_and_metrics(tmp_path):
     assert {"teacher_entropy", "teacher_student_kl", "lr", "momentum", "teacher_temp"} <= set(rows[-1])
 
 
-def test_nan_loss_stops_with_the_iteration_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad_iteration", [0, 2])
+def test_nan_loss_stops_with_the_iteration_named(tmp_path, monkeypatch, bad_iteration):
+    """The loop reads a step's metrics one step late; the error still names the step, and a checkpoint
+    due right after it (iteration 2: checkpoint_every 3) is not written from its weights."""
     real = SSLMetaArch.forward
     calls = {"n": 0}
 
     def poisoned(self, batch, teacher_temp):
         loss, m = real(self, batch, teacher_temp)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == bad_iteration + 1:
             loss = loss * float("nan")
             m["total_loss"] = loss.detach()
         return loss, m
 
     monkeypatch.setattr(SSLMetaArch, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match="iteration 2"):
+    with pytest.raises(TrainingDiverged, match=f"iteration {bad_iteration} "):
         train(tiny_config(), tmp_path, dataset=ListStream(toy_images(12)))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    # Iteration 0's loss is read while iteration 1 runs; iteration 2's at once, before its checkpoint.
+    assert calls["n"] == {0: 2, 2: 3}[bad_iteration]
 
 
 def test_high_resolution_final_phase_uses_larger_global_crops(tmp_path, monkeypatch):
