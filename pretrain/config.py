@@ -85,6 +85,7 @@ class TrainConfig:
     eval_every: int = 0  # kNN on eval_train/eval_test every N iterations (0: only at the end)
     eval_image_size: int = 0  # 0: global_crops_size
     num_threads: int = 0  # torch CPU threads (0: torch's default)
+    data_workers: int = -1  # processes decoding and augmenting batches ahead (-1: none on CPU, up to 8 on GPU)
     compile: bool = False  # torch.compile each transformer block and the loss kernels (GPU runs; before FSDP2)
     stop_after: int = 0  # stop (after checkpointing) once this iteration is reached; 0: run to total_iters
 
@@ -100,6 +101,8 @@ class TrainConfig:
             problems.append("batch_size_per_rank must be >= 2 (KoLeo needs two samples per process)")
         if self.total_iters < 1:
             problems.append("total_iters must be >= 1")
+        if self.data_workers < -1:
+            problems.append(f"data_workers must be -1 (automatic), 0 or more, got {self.data_workers}")
         sizes = ["global_crops_size", "local_crops_size", "img_size"]
         if self.highres_iters:
             sizes += ["highres_global_crops_size", "highres_local_crops_size"]

@@ -227,38 +227,43 @@ def run_loop(cfg: TrainConfig, out: Path, spec: LoopSpec, *, device: torch.devic
                       flush=True)
 
     spec.model.train()
-    for it in range(start, stop):
-        highres = it >= highres_from
-        if highres not in augs:
-            augs[highres] = spec.build_augmentation(highres)
-        batch = to_device(spec.stream.next_batch(it, augs[highres], cfg.patch_size), device)
-        if spec.prepare_batch is not None:
-            batch = spec.prepare_batch(batch)
-        s = spec.sched.at(it)
-        metrics = optimizer_step(spec.model, spec.optimizer, batch, s, it, cfg=cfg, last_layer=spec.last_layer,
-                                 clip_modules=spec.clip_modules, autocast=autocast, update_ema=spec.update_ema)
-        step_metrics = PendingMetrics(metrics, device)
-        settle()  # the previous step's, while this one runs
-        pending = (it, s, highres, step_metrics)
-        done = it + 1
-        want_checkpoint = done % cfg.checkpoint_every == 0 or done == stop
-        want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
-        want_export = bool(cfg.export_every and done % cfg.export_every == 0) or want_eval
-        if want_checkpoint or want_export:
-            settle()  # nothing is saved from a step whose loss is not known to be finite
-        if want_checkpoint:
-            save_checkpoint(ckroot, done, spec.checkpointed, spec.optimizer, spec.stream.state_dict(),
-                            spec.checkpoint_config, cfg.keep_checkpoints)
-        if want_export:
-            backbones = spec.export(out / "exports" / f"it_{done:08d}", done)
-            for prefix, backbone in backbones.items() if want_eval else ():
-                res = knn_eval(backbone, cfg, eval_train, eval_test, eval_device(device))
-                record = {"iteration": it, **{f"{prefix}{k}": v for k, v in res.items()}}
-                log.log(record)
-                print(json.dumps(record), flush=True)
-            if is_dist():
-                dist.barrier()
-    settle()
+    try:
+        for it in range(start, stop):
+            highres = it >= highres_from
+            if highres not in augs:
+                augs[highres] = spec.build_augmentation(highres)
+            batch = to_device(spec.stream.next_batch(it, augs[highres], cfg.patch_size), device)
+            if spec.prepare_batch is not None:
+                batch = spec.prepare_batch(batch)
+            s = spec.sched.at(it)
+            metrics = optimizer_step(spec.model, spec.optimizer, batch, s, it, cfg=cfg, last_layer=spec.last_layer,
+                                     clip_modules=spec.clip_modules, autocast=autocast, update_ema=spec.update_ema)
+            step_metrics = PendingMetrics(metrics, device)
+            settle()  # the previous step's, while this one runs
+            pending = (it, s, highres, step_metrics)
+            done = it + 1
+            want_checkpoint = done % cfg.checkpoint_every == 0 or done == stop
+            want_eval = bool(cfg.eval_every and eval_train and eval_test and done % cfg.eval_every == 0 and done < stop)
+            want_export = bool(cfg.export_every and done % cfg.export_every == 0) or want_eval
+            if want_checkpoint or want_export:
+                settle()  # nothing is saved from a step whose loss is not known to be finite
+            if want_checkpoint:
+                save_checkpoint(ckroot, done, spec.checkpointed, spec.optimizer, spec.stream.state_dict(),
+                                spec.checkpoint_config, cfg.keep_checkpoints)
+            if want_export:
+                backbones = spec.export(out / "exports" / f"it_{done:08d}", done)
+                for prefix, backbone in backbones.items() if want_eval else ():
+                    res = knn_eval(backbone, cfg, eval_train, eval_test, eval_device(device))
+                    record = {"iteration": it, **{f"{prefix}{k}": v for k, v in res.items()}}
+                    log.log(record)
+                    print(json.dumps(record), flush=True)
+                if is_dist():
+                    dist.barrier()
+        settle()
+    finally:
+        close = getattr(spec.stream, "close", None)  # stops the data worker processes
+        if close is not None:
+            close()
     return log, last_record, stop
 
 

@@ -24,7 +24,7 @@ from lvdflow.errors import UserError
 from pretrain.augment import MultiCropAugmentation
 from pretrain.checkpointing import full_state_dict
 from pretrain.config import TrainConfig
-from pretrain.data import BatchStream
+from pretrain.data import BatchStream, auto_workers
 from pretrain.distributed import is_dist, rank, world_size
 from pretrain.loop import (LoopSpec, build_optimizer, eval_device, finish, knn_eval, lr_and_schedules, resume,
                            run_cli, run_loop)
@@ -126,7 +126,8 @@ def open_shard_stream(shards: str | Path, cfg: TrainConfig):
     from shards.reader import ShardDataset
 
     try:
-        ds = ShardDataset(shards, rank=rank(), world_size=world_size(), seed=cfg.seed, decode="pil")
+        # Encoded bytes: decoding is the batch makers' job (pretrain/data.py), in worker processes when there are any.
+        ds = ShardDataset(shards, rank=rank(), world_size=world_size(), seed=cfg.seed, decode="bytes")
     except FileNotFoundError as exc:
         raise UserError(f"cannot read training shards: {exc}") from exc
     return ShardStream(ds)
@@ -187,7 +188,8 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
         if shards is None:
             raise ValueError("train() needs shards or a dataset")
         dataset = open_shard_stream(shards, cfg)
-    stream = BatchStream(dataset, batch_size=cfg.batch_size_per_rank, seed=cfg.seed, rank=rank(),
+    workers = auto_workers() if cfg.data_workers < 0 else cfg.data_workers
+    stream = BatchStream(dataset, batch_size=cfg.batch_size_per_rank, seed=cfg.seed, rank=rank(), workers=workers,
                          mask_probability=cfg.mask_probability, mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
     start = resume(out / "checkpoints", meta, optimizer, stream)
 

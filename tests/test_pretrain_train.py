@@ -54,14 +54,18 @@ def _losses(out: Path) -> list[tuple]:
             if "total_loss" in r]
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_and_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, workers):
+    """With data workers too: the interrupted run, its batches made by 2 processes reading ahead (so the
+    kill comes while a later batch is read), still gives the uninterrupted inline run's losses."""
     images = toy_images(20)  # not a multiple of the batch: an epoch ends mid-batch
     cfg = tiny_config(total_iters=7, checkpoint_every=3)
     full = train(cfg, tmp_path / "full", dataset=ListStream(images))
     # Killed during iteration 5 (after the checkpoint at 3): resumes from 3 and redoes 3, 4, ...
+    pooled = tiny_config(total_iters=7, checkpoint_every=3, data_workers=workers)
     with pytest.raises(Crash):
-        train(cfg, tmp_path / "killed", dataset=CrashingStream(images, crash_after=5 * cfg.batch_size_per_rank + 1))
-    resumed = train(cfg, tmp_path / "killed", dataset=ListStream(images))
+        train(pooled, tmp_path / "killed", dataset=CrashingStream(images, crash_after=5 * cfg.batch_size_per_rank + 1))
+    resumed = train(pooled, tmp_path / "killed", dataset=ListStream(images))
     assert resumed["resumed_from"] == 3
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert [r[0] for r in a] == list(range(7)) and a == b  # exact float equality, every iteration

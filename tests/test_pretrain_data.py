@@ -1,0 +1,77 @@
+"""Batches made by worker processes: the same tensors and stream positions as made in the training process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lvdflow.errors import UserError
+from pretrain.data import BatchStream
+from pretrain.train import build_augmentation
+from pretrain_helpers import ListStream, tiny_config, toy_images
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _stream(workers: int, images=None) -> BatchStream:
+    # 10 images, batches of 4: epochs end inside batches, so the read-ahead crosses epoch boundaries.
+    return BatchStream(ListStream(images or toy_images(10)), batch_size=4, seed=3, rank=0, workers=workers, prefetch=2)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def test_worker_batches_and_positions_equal_the_inline_ones_across_a_crop_size_change():
+    cfg = tiny_config(highres_iters=2, highres_global_crops_size=24, highres_local_crops_size=12)
+    augs = {False: build_augmentation(cfg), True: build_augmentation(cfg, highres=True)}
+    inline, pooled = _stream(0), _stream(2)
+    try:
+        for it in range(6):
+            aug = augs[it >= 4]  # the high-resolution phase: batches read ahead are remade with the new crops
+            a, b = inline.next_batch(it, aug, cfg.patch_size), pooled.next_batch(it, aug, cfg.patch_size)
+            assert _equal(a, b), f"iteration {it}"
+            assert pooled.state_dict() == inline.state_dict(), f"iteration {it}"
+        assert b["global_crops"].shape[-1] == 24
+        assert pooled.dataset.state_dict() != pooled.state_dict()  # it did read ahead
+    finally:
+        pooled.close()
+
+
+def test_resume_from_a_read_ahead_stream_continues_exactly():
+    cfg = tiny_config()
+    aug = build_augmentation(cfg)
+    first = _stream(2)
+    try:
+        for it in range(3):
+            first.next_batch(it, aug, cfg.patch_size)
+        saved = first.state_dict()
+    finally:
+        first.close()
+    reference = _stream(0)
+    for it in range(3):
+        reference.next_batch(it, aug, cfg.patch_size)
+    assert saved == reference.state_dict()
+    resumed = _stream(2)
+    resumed.load_state_dict(saved)
+    try:
+        for it in range(3, 6):
+            assert _equal(resumed.next_batch(it, aug, cfg.patch_size), reference.next_batch(it, aug, cfg.patch_size))
+        # Asked for another iteration than the next (a loop that restarted): the read-ahead is dropped and
+        # the stream rewound to the last batch handed out.
+        again = resumed.next_batch(10, aug, cfg.patch_size)
+        assert _equal(again, reference.next_batch(10, aug, cfg.patch_size))
+    finally:
+        resumed.close()
+    assert resumed._pool is None
+
+
+def test_an_unreadable_sample_in_a_worker_is_a_user_error():
+    cfg = tiny_config()
+    stream = _stream(1, images=[b"not an image"] * 8)
+    try:
+        with pytest.raises(UserError):
+            stream.next_batch(0, build_augmentation(cfg), cfg.patch_size)
+    finally:
+        stream.close()
