@@ -63,7 +63,8 @@ def measure(centering: str, compiled: bool, rows: int, k: int, reps: int, device
         times.append(time.perf_counter() - t)
     row = {"centering": centering, "compiled": compiled, "rows": rows, "prototypes": k,
            "s_per_step": round(statistics.median(times), 4), "first_call_s": round(first, 2),
-           "loss": round(float(value.detach()), 5), "grad_abs_sum": round(float(student_logits.grad.float().abs().sum()), 3)}
+           "loss": round(float(value.detach()), 5),
+           "grad_abs_sum": round(float(student_logits.grad.float().abs().sum()), 3)}
     if device.type == "cuda":
         row["peak_extra_GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)
     return row

@@ -32,11 +32,13 @@ from pretrain.train import build_meta_arch, compile_for_training, shard_with_fsd
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 RECIPES = {
-    # DINOv2 defaults for ViT-S/14-sized runs, and the vitl14 train config (SwiGLU, 131k prototypes, separate iBOT head).
+    # DINOv2 defaults for ViT-S/14-sized runs, and the vitl14 train config (SwiGLU, 131k prototypes, separate iBOT
+    # head, Sinkhorn-Knopp centering; the ViT-L figures recorded before 2026-11-23 used softmax centering).
     "vit_small": dict(arch="vit_small", ffn_layer="mlp", dino_prototypes=65536, ibot_prototypes=65536,
-                      ibot_separate_head=False, drop_path_rate=0.1, batch_size_per_rank=64),
+                      ibot_separate_head=False, drop_path_rate=0.1, batch_size_per_rank=64, centering="centering"),
     "vit_large": dict(arch="vit_large", ffn_layer="swiglu", dino_prototypes=131072, ibot_prototypes=131072,
-                      head_bottleneck_dim=384, ibot_separate_head=True, drop_path_rate=0.4, batch_size_per_rank=32),
+                      head_bottleneck_dim=384, ibot_separate_head=True, drop_path_rate=0.4, batch_size_per_rank=32,
+                      centering="sinkhorn_knopp"),
 }
 
 
@@ -82,7 +84,7 @@ def join_single_process_group() -> None:
 
 
 def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_blocks_flag: bool = False,
-               profile_rows: int = 0, fsdp: bool = False) -> dict:
+               profile_rows: int = 0, fsdp: bool = False, centering: str | None = None) -> dict:
     """One recipe's step time, memory and MFU. `fsdp`: the trainer's torchrun path, student and teacher
     sharded with FSDP2 (bf16 parameters for compute, float32 gradient reduction) in a one-process group;
     otherwise plain modules under bf16 autocast."""
@@ -91,6 +93,8 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     kw = dict(RECIPES[name])
     if batch:
         kw["batch_size_per_rank"] = batch
+    if centering:
+        kw["centering"] = centering
     cfg = TrainConfig(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8,
                       **kw).validate()
     dev = torch.device("cuda")
@@ -141,6 +145,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     return {"arch": name, "patch": 14, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
+            "centering": cfg.centering,
             "mode": "FSDP2, bf16 params (one-process NCCL group)" if fsdp else "bf16 autocast, no FSDP",
             "params_student_M": round(sum(p.numel() for p in meta.student.parameters()) / 1e6, 1),
             "s_per_step": round(dt, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
@@ -155,7 +160,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=0)
-    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block and the loss kernels")
+    ap.add_argument("--centering", choices=("centering", "sinkhorn_knopp"),
+                    help="override the recipe's (ViT-S: softmax centering; ViT-L: Sinkhorn-Knopp, as DINOv2's vitl14)")
     ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 in a one-process NCCL group (the trainer's "
                     "torchrun path: bf16 parameters) instead of plain bf16 autocast")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
@@ -169,7 +176,7 @@ def main() -> int:
     rows = []
     for name in args.archs.split(","):
         rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile, args.profile,
-                               args.fsdp))
+                               args.fsdp, args.centering))
         rows[-1]["compiled_blocks"] = args.compile
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()

@@ -85,7 +85,7 @@ class TrainConfig:
     eval_every: int = 0  # kNN on eval_train/eval_test every N iterations (0: only at the end)
     eval_image_size: int = 0  # 0: global_crops_size
     num_threads: int = 0  # torch CPU threads (0: torch's default)
-    data_workers: int = -1  # processes decoding and augmenting batches ahead (-1: none on CPU, up to 8 on GPU)
+    data_workers: int = -1  # batch-making processes (-1: none on CPU; on GPU the rank's CPUs less one)
     compile: bool = False  # torch.compile each transformer block and the loss kernels (GPU runs; before FSDP2)
     stop_after: int = 0  # stop (after checkpointing) once this iteration is reached; 0: run to total_iters
 

@@ -119,7 +119,7 @@ def test_compiled_loss_kernels_match_eager_without_recompiling_each_step(centeri
     change."""
     from torch._dynamo.utils import counters
 
-    eager, compiled = _meta(centering=centering, ibot_separate_head=True), _meta(centering=centering, ibot_separate_head=True)
+    eager, compiled = (_meta(centering=centering, ibot_separate_head=True) for _ in range(2))
     compiled.compile_losses()
     graphs = []
     for step in range(4):
