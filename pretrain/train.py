@@ -24,7 +24,7 @@ from lvdflow.errors import UserError
 from pretrain.augment import MultiCropAugmentation
 from pretrain.checkpointing import full_state_dict
 from pretrain.config import TrainConfig
-from pretrain.data import BatchStream, auto_workers
+from pretrain.data import BatchStream, data_workers
 from pretrain.distributed import is_dist, rank, world_size
 from pretrain.loop import (LoopSpec, build_optimizer, eval_device, finish, knn_eval, lr_and_schedules, resume,
                            run_cli, run_loop)
@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
         if shards is None:
             raise ValueError("train() needs shards or a dataset")
         dataset = open_shard_stream(shards, cfg)
-    workers = auto_workers() if cfg.data_workers < 0 else cfg.data_workers
+    workers = data_workers(cfg.data_workers)
     stream = BatchStream(dataset, batch_size=cfg.batch_size_per_rank, seed=cfg.seed, rank=rank(), workers=workers,
                          mask_probability=cfg.mask_probability, mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
     start = resume(out / "checkpoints", meta, optimizer, stream)

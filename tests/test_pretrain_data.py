@@ -75,3 +75,19 @@ def test_an_unreadable_sample_in_a_worker_is_a_user_error():
             stream.next_batch(0, build_augmentation(cfg), cfg.patch_size)
     finally:
         stream.close()
+
+
+def test_data_workers_setting(monkeypatch):
+    import lvdflow.parts
+    from pretrain.data import data_workers
+
+    assert data_workers(3) == 3
+    if not torch.cuda.is_available():
+        assert data_workers(-1) == 0  # on CPU the model's threads use the cores
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    full = data_workers(-1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert 1 <= data_workers(-1) <= max(1, full)  # two local ranks share the CPUs
+    monkeypatch.setattr(lvdflow.parts, "in_daemon_process", lambda: True)  # e.g. inside a Dask worker
+    assert data_workers(-1) == 0 and data_workers(3) == 0

@@ -29,7 +29,7 @@ import torch
 
 from lvdflow.errors import UserError
 from pretrain.checkpointing import full_state_dict
-from pretrain.data import BatchStream, auto_workers
+from pretrain.data import BatchStream, data_workers
 from pretrain.distill.config import DistillConfig
 from pretrain.distill.meta_arch import DistillMetaArch, unmasked_ibot_batch
 from pretrain.distill.teacher import load_teacher, saved_centers
@@ -160,7 +160,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
         if shards is None:
             raise ValueError("distill() needs shards or a dataset")
         dataset = open_shard_stream(shards, cfg)
-    workers = auto_workers() if cfg.data_workers < 0 else cfg.data_workers
+    workers = data_workers(cfg.data_workers)
     stream = BatchStream(dataset, batch_size=cfg.batch_size_per_rank, seed=cfg.seed, rank=rank(), workers=workers,
                          mask_probability=cfg.mask_probability if cfg.masking else 0.0,
                          mask_ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max))
