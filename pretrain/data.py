@@ -183,10 +183,9 @@ class BatchStream:
         self._iter = None
 
     def close(self) -> None:
-        """Stop the worker processes (batches read ahead are dropped; the state stays at the last handed out)."""
-        for job in self._jobs:
-            job.future.cancel()
-        self._jobs.clear()
+        """Stop the worker processes. Batches read ahead are dropped and the stream rewound to the last batch
+        handed out, so a later `next_batch` (which starts new workers) or `state_dict` continues from there."""
+        self._drop_jobs()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

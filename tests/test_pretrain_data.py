@@ -62,6 +62,9 @@ def test_resume_from_a_read_ahead_stream_continues_exactly():
         # the stream rewound to the last batch handed out.
         again = resumed.next_batch(10, aug, cfg.patch_size)
         assert _equal(again, reference.next_batch(10, aug, cfg.patch_size))
+        resumed.close()  # read ahead, then closed: the next batch is still the next one
+        assert resumed._pool is None and resumed.state_dict() == reference.state_dict()
+        assert _equal(resumed.next_batch(11, aug, cfg.patch_size), reference.next_batch(11, aug, cfg.patch_size))
     finally:
         resumed.close()
     assert resumed._pool is None

@@ -38,7 +38,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     """
     if n_iterations < 1:
         raise ValueError("sinkhorn_knopp needs at least one iteration")
-    x, scale = teacher_logits, 1.0 / teacher_temp
+    x, scale = teacher_logits, 1.0 / teacher_temp  # the scale applies once, in the first passes
     k = x.shape[1]
     for i in range(n_iterations):
         if x.shape[0]:
@@ -49,7 +49,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         column_lse = _merge_column_logsumexp(m, s)
         last = i == n_iterations - 1
         x = math.sinkhorn_step(x, scale, column_lse, last) if x.shape[0] else x.float()
-        scale = 1.0
+        scale = None
     return x
 
 

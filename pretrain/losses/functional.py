@@ -33,20 +33,27 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor,
     return torch.softmax((t - center) / teacher_temp, dim=-1), t.sum(dim=0, keepdim=True)
 
 
-def column_max_and_sumexp(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column of `scale * x`: its max m and sum(exp(scale * x - m)), both (1, K). Two such pairs from
-    different ranks merge exactly into the logsumexp of the union of their rows (centering.py)."""
-    y = x.float() * scale
+def _scaled(x: torch.Tensor, scale: float | None) -> torch.Tensor:
+    # Only Sinkhorn's first iteration scales (by 1 / T); the others pass None: a multiply by 1 would be a
+    # full pass in eager mode, and a test of the float's value would make Dynamo specialise on it.
+    return x.float() if scale is None else x.float() * scale
+
+
+def column_max_and_sumexp(x: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of `scale * x` (x when `scale` is None): its max m and sum(exp(scale * x - m)), both
+    (1, K). Two such pairs from different ranks merge exactly into the logsumexp of the union of their rows
+    (centering.py)."""
+    y = _scaled(x, scale)
     m = y.amax(dim=0, keepdim=True)
     return m, torch.exp(y - m).sum(dim=0, keepdim=True)
 
 
-def sinkhorn_step(x: torch.Tensor, scale: float, column_lse: torch.Tensor, last: bool) -> torch.Tensor:
+def sinkhorn_step(x: torch.Tensor, scale: float | None, column_lse: torch.Tensor, last: bool) -> torch.Tensor:
     """One Sinkhorn-Knopp iteration in the log domain: every prototype (column) to equal mass, with its
     logsumexp over all ranks' rows given, then every sample (row) to mass 1. The official code's divisions
     by K and by the batch size are constant shifts here, which the next normalisation cancels, so they are
     left out. `last`: return the probabilities themselves, exp of the log."""
-    y = x.float() * scale - column_lse
+    y = _scaled(x, scale) - column_lse
     y = y - torch.logsumexp(y, dim=1, keepdim=True)
     return torch.exp(y) if last else y
 
