@@ -51,8 +51,7 @@ def measure(blobs: list[bytes], workers: int, batch: int, batches: int) -> dict:
     cfg = TrainConfig(arch="vit_large", patch_size=14, global_crops_size=224, local_crops_size=98,
                       local_crops_number=8, batch_size_per_rank=batch).validate()
     aug = build_augmentation(cfg)
-    stream = BatchStream(BytesStream(blobs), batch_size=batch, seed=0, rank=0, workers=workers,
-                         prefetch=max(2, workers))
+    stream = BatchStream(BytesStream(blobs), batch_size=batch, seed=0, rank=0, workers=workers)
     try:
         t0 = time.perf_counter()
         stream.next_batch(0, aug, cfg.patch_size)

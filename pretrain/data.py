@@ -151,7 +151,8 @@ class _Job:
 
 class BatchStream:
     """Batches of `batch_size` samples of `dataset`, made in this process or by `workers` processes that
-    work `prefetch` batches ahead. The result is the same either way, bitwise; so is a resume."""
+    keep `prefetch` batches each in the making (one job per batch: with fewer jobs than workers, workers
+    would idle). The result is the same either way, bitwise; so is a resume."""
 
     def __init__(self, dataset, *, batch_size: int, seed: int, rank: int, mask_probability: float = 0.5,
                  mask_ratio: tuple[float, float] = (0.1, 0.5), workers: int = 0, prefetch: int = 2):
@@ -162,7 +163,7 @@ class BatchStream:
         self.mask_probability = mask_probability
         self.mask_ratio = tuple(mask_ratio)
         self.workers = workers
-        self.prefetch = max(1, prefetch)
+        self.ahead = max(1, prefetch) * max(1, workers)  # batches being made beyond the one asked for
         self._iter = None
         self._pool: ProcessPoolExecutor | None = None
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -209,7 +210,7 @@ class BatchStream:
             self._drop_jobs()
         if self._state is None:  # where to rewind to if the read-ahead is dropped before a batch is handed out
             self._state = copy.deepcopy(self.dataset.state_dict())
-        while len(self._jobs) < self.prefetch + 1:
+        while len(self._jobs) < self.ahead + 1:
             ahead = self._jobs[-1].iteration + 1 if self._jobs else iteration
             self._jobs.append(self._submit(ahead, self._draw(), augmentation, patch_size))
         job = self._jobs.popleft()

@@ -35,6 +35,7 @@ def test_worker_batches_and_positions_equal_the_inline_ones_across_a_crop_size_c
             assert pooled.state_dict() == inline.state_dict(), f"iteration {it}"
         assert b["global_crops"].shape[-1] == 24
         assert pooled.dataset.state_dict() != pooled.state_dict()  # it did read ahead
+        assert len(pooled._jobs) == 2 * 2  # prefetch 2 per worker: every worker has a batch to make
     finally:
         pooled.close()
 
