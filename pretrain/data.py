@@ -210,12 +210,17 @@ class BatchStream:
             self._drop_jobs()
         if self._state is None:  # where to rewind to if the read-ahead is dropped before a batch is handed out
             self._state = copy.deepcopy(self.dataset.state_dict())
+        if self._jobs and self._jobs[0].augmentation is not augmentation:
+            # The crops changed (the high-resolution phase began): every batch read ahead is remade from the
+            # same samples, all at once so the workers share the work.
+            for job in self._jobs:
+                job.future.cancel()
+            self._jobs = collections.deque(self._submit(job.iteration, (job.samples, job.state_after), augmentation,
+                                                        patch_size) for job in self._jobs)
         while len(self._jobs) < self.ahead + 1:
             ahead = self._jobs[-1].iteration + 1 if self._jobs else iteration
             self._jobs.append(self._submit(ahead, self._draw(), augmentation, patch_size))
         job = self._jobs.popleft()
-        if job.augmentation is not augmentation:  # e.g. the high-resolution phase began: same samples, remade
-            job = self._submit(iteration, (job.samples, job.state_after), augmentation, patch_size)
         batch = job.future.result()
         self._state = job.state_after
         return batch
