@@ -126,7 +126,26 @@ class TrainConfig:
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise UserError(f"unknown training config keys: {', '.join(unknown)}")
+        wrong = [f"{k}={v!r} (wants {known[k].type})" for k, v in d.items() if not _fits(v, known[k].type)]
+        if wrong:
+            raise UserError(f"training config values of the wrong type: {', '.join(wrong)}")
         return cls(**d).validate()
+
+
+def _fits(value: Any, type_name: str) -> bool:
+    """Whether a profile / --set value suits a field annotated `type_name` (int, float, str, bool, list);
+    ints serve where floats are wanted, as YAML writes 1 for 1.0."""
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if type_name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if type_name == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_name == "str":
+        return isinstance(value, str)
+    if type_name == "list":
+        return isinstance(value, (list, tuple))
+    return True
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

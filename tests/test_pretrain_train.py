@@ -146,6 +146,12 @@ def test_config_profiles_and_errors(tmp_path):
         TrainConfig(global_crops_size=100, patch_size=14).validate()
     with pytest.raises(UserError, match="KoLeo"):
         TrainConfig(batch_size_per_rank=1).validate()
+    # A value of the wrong type (`--set total_iters=abc`) is a one-line error, not a TypeError in validate.
+    with pytest.raises(UserError, match=r"total_iters='abc' \(wants int\).*compile='yes' \(wants bool\)"):
+        load_config(None, {"total_iters": "abc", "compile": "yes"})
+    assert load_config(None, {"base_lr": 1, "global_crops_scale": (0.4, 1.0)}).base_lr == 1  # ints serve as floats
+    for name in ("demo", "vitl14", "bootstrap"):  # the bundled profiles pass the check
+        assert load_config(profile_path(name)).total_iters > 0
 
 
 @pytest.mark.slow
