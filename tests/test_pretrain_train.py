@@ -61,10 +61,12 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, work
     images = toy_images(20)  # not a multiple of the batch: an epoch ends mid-batch
     cfg = tiny_config(total_iters=7, checkpoint_every=3)
     full = train(cfg, tmp_path / "full", dataset=ListStream(images))
-    # Killed during iteration 5 (after the checkpoint at 3): resumes from 3 and redoes 3, 4, ...
+    # Killed during iteration 5 (after the checkpoint at 3): resumes from 3 and redoes 3, 4, ... With workers
+    # the stream is read 2 batches per worker ahead, so iteration 5 draws batch 5 + 2 * workers.
     pooled = tiny_config(total_iters=7, checkpoint_every=3, data_workers=workers)
+    crash_after = (5 + 2 * workers) * cfg.batch_size_per_rank + 1
     with pytest.raises(Crash):
-        train(pooled, tmp_path / "killed", dataset=CrashingStream(images, crash_after=5 * cfg.batch_size_per_rank + 1))
+        train(pooled, tmp_path / "killed", dataset=CrashingStream(images, crash_after=crash_after))
     resumed = train(pooled, tmp_path / "killed", dataset=ListStream(images))
     assert resumed["resumed_from"] == 3
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")

@@ -54,11 +54,6 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
 
 
 @torch.no_grad()
-def softmax_centered(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-    return EAGER.centered_softmax(teacher_logits, center, teacher_temp)[0]
-
-
-@torch.no_grad()
 def ema_update_center(center: torch.Tensor, column_sum: torch.Tensor, n_rows: int, momentum: float) -> None:
     """center <- m * center + (1 - m) * the mean teacher logit over all rows of all ranks (in place).
 
