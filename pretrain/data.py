@@ -113,13 +113,10 @@ def _worker_init() -> None:
 
 def auto_workers() -> int:
     """Data processes when a config leaves it to the trainer: none on CPU (the model's own threads use the
-    cores) or in a daemonic process (a Dask worker); on a GPU this rank's share of the CPUs (torchrun's local
-    ranks split them) less one for the training process. One worker makes ~25 images/s of DINOv2 crops
-    (bench/results/pretrain_data.json) while one H100 trains ViT-L/14 on ~145 images/s: a GPU needs all the
-    cores it can get."""
-    from lvdflow.parts import in_daemon_process
-
-    if not torch.cuda.is_available() or in_daemon_process():  # a daemonic process may not start children
+    cores); on a GPU this rank's share of the CPUs (torchrun's local ranks split them) less one for the
+    training process. One worker makes ~25 images/s of DINOv2 crops (bench/results/pretrain_data.json) while
+    one H100 trains ViT-L/14 on ~145 images/s: a GPU needs all the cores it can get."""
+    if not torch.cuda.is_available():
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -131,13 +128,13 @@ def data_workers(configured: int) -> int:
     daemonic process could not start them."""
     from lvdflow.parts import in_daemon_process
 
-    if configured < 0:
-        return auto_workers()
-    if configured and in_daemon_process():
-        print(f"data_workers={configured} ignored: a daemonic process (a Dask worker) cannot start processes; "
-              "batches are made in the training process", flush=True)
+    workers = auto_workers() if configured < 0 else configured
+    if workers and in_daemon_process():
+        if configured > 0:
+            print(f"data_workers={configured} ignored: a daemonic process (a Dask worker) cannot start "
+                  "processes; batches are made in the training process", flush=True)
         return 0
-    return configured
+    return workers
 
 
 class _Job:

@@ -17,6 +17,7 @@ from torch import nn
 
 from pretrain.heads import build_heads
 from pretrain.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from pretrain.losses.centering import compile_loss_kernels
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,8 +65,7 @@ class SSLMetaArch(nn.Module):
 
     def compile_losses(self) -> None:
         """torch.compile the losses' passes over the (rows, K) logits (see losses/functional.py)."""
-        for loss in (self.dino_loss, self.ibot_loss):
-            loss.compile_math()
+        compile_loss_kernels(self)
 
     def train(self, mode: bool = True):
         super().train(mode)

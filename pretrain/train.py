@@ -95,13 +95,12 @@ def compile_for_training(meta: torch.nn.Module) -> None:
     attention broke each block's graph. Attention now takes SDPA while Dynamo traces
     (pretrain/layers/attention.py)."""
     from pretrain.layers.block import Block
-    from pretrain.losses.centering import CenteredTargets
+    from pretrain.losses.centering import compile_loss_kernels
 
     for module in meta.modules():
         if isinstance(module, Block):
             module.compile()
-        elif isinstance(module, CenteredTargets):
-            module.compile_math()
+    compile_loss_kernels(meta)
 
 
 def init_distributed() -> torch.device:

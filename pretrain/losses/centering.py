@@ -100,3 +100,10 @@ class CenteredTargets(torch.nn.Module):
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
         ema_update_center(self.center, rows.float().sum(dim=0, keepdim=True), rows.shape[0], self.center_momentum)
+
+
+def compile_loss_kernels(module: torch.nn.Module) -> None:
+    """Compile the math of every loss module found in `module` (a meta-architecture, or several)."""
+    for m in module.modules():
+        if isinstance(m, CenteredTargets):
+            m.compile_math()
