@@ -6,8 +6,12 @@ Each step is the full DINOv2 step of pretrain/meta_arch.py: teacher forward on 2
 student forward on 2 global + 8 local crops (98 px) with iBOT masks, heads, losses, backward, gradient
 clipping, AdamW and the EMA update. Batches are synthetic tensors (augmentation cost excluded: it runs
 on CPU workers in a real run). FLOPs per step are counted by torch.utils.flop_counter on one step
-(forward + backward + teacher forward); MFU = FLOPs / step time / dense bf16 peak (989 TFLOP/s for H100
-SXM, 989 for H200). Writes bench/results/pretrain_gpu.json.
+(forward + backward + teacher forward) of a separate eager copy of the model, never on the compiled one:
+on torch <= 2.11 a frame that Dynamo meets under a dispatch mode such as FlopCounterMode is skipped for
+good, so every later call of the compiled blocks runs eagerly (pytorch/pytorch#140909, #190286). Counting
+after the timed steps, as this bench did until 2026-11-23, left the timing right but made the profile that
+followed show eager blocks. MFU = FLOPs / step time / dense bf16 peak (989 TFLOP/s for H100 SXM, 989 for
+H200). Writes bench/results/pretrain_gpu.json.
 """
 
 from __future__ import annotations
@@ -51,9 +55,10 @@ def synthetic_batch(b: int, n_local: int, device) -> dict:
 
 
 def profile_steps(step, n: int, rows: int) -> dict:
-    """Top kernels by CUDA time over `n` steps, and the summed kernel time per step. (The profiler's own
-    CPU overhead inflates the wall time of profiled steps, so kernel time / wall is only a lower bound on
-    how busy the GPU is.)"""
+    """Top kernels by CUDA time over `n` steps, the summed kernel time per step, and how many compiled regions
+    ran per step (0 with --compile means the blocks fell back to eager). (The profiler's own CPU overhead
+    inflates the wall time of profiled steps, so kernel time / wall is only a lower bound on how busy the
+    GPU is.)"""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -66,7 +71,25 @@ def profile_steps(step, n: int, rows: int) -> dict:
     events = p.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return {"profiled_steps": n, "profiled_wall_s": round(wall, 4), "kernel_s_per_step": round(kernel_us / 1e6 / n, 4)}
+    regions = sum(e.count for e in events if e.key.startswith("Torch-Compiled Region"))
+    return {"profiled_steps": n, "profiled_wall_s": round(wall, 4), "kernel_s_per_step": round(kernel_us / 1e6 / n, 4),
+            "compiled_regions_per_step": regions / n}
+
+
+def count_step_flops(cfg: TrainConfig, batch: dict, dev: torch.device) -> int:
+    """FLOPs of one training step (teacher forward, student forward and backward), counted on a fresh eager
+    model: FlopCounterMode must never meet the compiled one (see the module docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    meta = build_meta_arch(cfg).to(dev)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = meta(batch, 0.07)
+        loss.backward()
+    del meta, loss
+    torch.cuda.empty_cache()
+    return counter.get_total_flops()
 
 
 def join_single_process_group() -> None:
@@ -88,8 +111,6 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     """One recipe's step time, memory and MFU. `fsdp`: the trainer's torchrun path, student and teacher
     sharded with FSDP2 (bf16 parameters for compute, float32 gradient reduction) in a one-process group;
     otherwise plain modules under bf16 autocast."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     kw = dict(RECIPES[name])
     if batch:
         kw["batch_size_per_rank"] = batch
@@ -98,6 +119,8 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     cfg = TrainConfig(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8,
                       **kw).validate()
     dev = torch.device("cuda")
+    batch_t = synthetic_batch(cfg.batch_size_per_rank, 8, dev)
+    flops = count_step_flops(cfg, batch_t, dev)
     torch.manual_seed(0)
     meta = build_meta_arch(cfg).to(dev)
     if compile_blocks_flag:
@@ -108,7 +131,6 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     groups = param_groups(meta.student, num_layers=len(meta.student["backbone"].blocks))
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], fused=True)
     apply_schedules(opt, lr=1e-4, last_layer_lr=1e-4, wd=0.04)
-    batch_t = synthetic_batch(cfg.batch_size_per_rank, 8, dev)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -126,15 +148,14 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
+    host = 0.0
     for _ in range(steps):
+        t_step = time.perf_counter()
         loss = step()
+        host += time.perf_counter() - t_step
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     mem = torch.cuda.max_memory_allocated() / 2**30
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops = counter.get_total_flops()
     prof = profile_steps(step, 2, profile_rows) if profile_rows else {}
     if compile_blocks_flag:  # whether the blocks really compiled: one graph each, no breaks
         from torch._dynamo.utils import counters
@@ -148,7 +169,10 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
             "centering": cfg.centering,
             "mode": "FSDP2, bf16 params (one-process NCCL group)" if fsdp else "bf16 autocast, no FSDP",
             "params_student_M": round(sum(p.numel() for p in meta.student.parameters()) / 1e6, 1),
-            "s_per_step": round(dt, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
+            "s_per_step": round(dt, 4),
+            # The step never waits for the GPU, so this is the host's time to queue it: near s_per_step means
+            # the GPU starves (launch-bound); well below it means the GPU is the bottleneck.
+            "host_enqueue_s_per_step": round(host / steps, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
             "peak_mem_GiB": round(mem, 2), "tflops_per_step": round(flops / 1e12, 3),
             "achieved_tflops": round(flops / dt / 1e12, 1),
             "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None, "loss": float(loss.detach()), "gpu": gpu, **prof}

@@ -89,11 +89,11 @@ def compile_for_training(meta: torch.nn.Module) -> None:
     or a distillation's teacher and students), and the losses' passes over their (rows, K) logits.
 
     Regional compilation: the block is the unit that repeats, so one graph per crop shape serves all of them,
-    and the loss kernels are compiled apart (losses/functional.py). On an H100 (bench/bench_pretrain_gpu.py
-    --compile, ViT-L/14, batch 32) Dynamo recompiled the block once (grad mode, for the teacher), yet the
-    profile showed every block's LayerNorm and SiLU as eager ATen kernels: with xformers installed its
-    attention broke each block's graph. Attention now takes SDPA while Dynamo traces
-    (pretrain/layers/attention.py)."""
+    and the loss kernels are compiled apart (losses/functional.py). The block compiles twice (grad mode: the
+    teacher runs without it), with no graph break: xformers' opaque kernel would break it, so attention takes
+    SDPA while Dynamo traces (pretrain/layers/attention.py). Never run the compiled model under a dispatch mode
+    (FlopCounterMode, the census): on torch <= 2.11 Dynamo then skips the block's code for good and every
+    later call runs eagerly (pytorch/pytorch#140909, #190286)."""
     from pretrain.layers.block import Block
     from pretrain.losses.centering import compile_loss_kernels
 
