@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
 
-def task_states(flow_run_id) -> dict[str, str]:
-    """{task name: state name} for every task run of a flow run and its subflow runs."""
+def task_states(flow_run_id, settle_s: float = 30.0) -> dict[str, str]:
+    """{task name: state name} for every task run of a flow run and its subflow runs.
+
+    Called once the flow run has finished, so every task has too; but a task that ran in another process (a
+    Ray or Dask worker) reports its last state to the server on its own, which can land a moment after the
+    flow's. Wait up to `settle_s` for every task run to reach a final state before reading the names."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        trs, runs = _task_runs(flow_run_id)
+        if all(t.state is None or t.state.is_final() for t in trs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    # subflow calls appear as task runs too (dummy tasks); keep real stage tasks only
+    out: dict[str, list[str]] = {}
+    for t in sorted(trs, key=lambda t: t.expected_start_time or t.created):
+        if t.state_type is not None and t.flow_run_id in runs and not _is_subflow_marker(t):
+            out.setdefault(t.name.rsplit("-", 1)[0], []).append(t.state.name)
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+
+
+def _task_runs(flow_run_id) -> tuple[list, list]:
+    """(task runs, flow run ids) of a flow run and all its subflow runs."""
     with get_client(sync_client=True) as client:
         runs = [flow_run_id]
         frontier = [flow_run_id]
@@ -16,13 +38,7 @@ def task_states(flow_run_id) -> dict[str, str]:
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
             frontier = [c.id for c in children]
             runs += frontier
-        trs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=runs)))
-        # subflow calls appear as task runs too (dummy tasks); keep real stage tasks only
-        out: dict[str, list[str]] = {}
-        for t in sorted(trs, key=lambda t: t.expected_start_time or t.created):
-            if t.state_type is not None and t.flow_run_id in runs and not _is_subflow_marker(t):
-                out.setdefault(t.name.rsplit("-", 1)[0], []).append(t.state.name)
-        return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=runs))), runs
 
 
 def _is_subflow_marker(task_run) -> bool:
