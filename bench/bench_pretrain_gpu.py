@@ -106,6 +106,20 @@ def join_single_process_group() -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def recipe_step(meta, opt, batch: dict, device_type: str, autocast: bool = True) -> torch.Tensor:
+    """One full training step as the trainer runs it: forward (teacher and student) under bf16 autocast,
+    backward, clipping per network part, AdamW, EMA. Returns the loss."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        loss, _ = meta(batch, 0.07)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for k in meta.student.keys():
+        torch.nn.utils.clip_grad_norm_(meta.student[k].parameters(), 3.0)
+    opt.step()
+    meta.update_teacher(0.994)
+    return loss
+
+
 def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_blocks_flag: bool = False,
                profile_rows: int = 0, fsdp: bool = False, centering: str | None = None) -> dict:
     """One recipe's step time, memory and MFU. `fsdp`: the trainer's torchrun path, student and teacher
@@ -133,15 +147,7 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     apply_schedules(opt, lr=1e-4, last_layer_lr=1e-4, wd=0.04)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = meta(batch_t, 0.07)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for k in meta.student.keys():
-            torch.nn.utils.clip_grad_norm_(meta.student[k].parameters(), 3.0)
-        opt.step()
-        meta.update_teacher(0.994)
-        return loss
+        return recipe_step(meta, opt, batch_t, "cuda")
 
     for _ in range(warmup):
         step()
