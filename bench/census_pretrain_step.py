@@ -11,8 +11,9 @@ speed, so their bytes / HBM bandwidth is a floor under their time; the GEMMs' FL
 
 To keep the CPU work small the backbone has `depth` blocks (all blocks of a ViT are alike: block figures are
 scaled to the real depth), and the step runs at two batch sizes, from which every group's bytes are fitted
-as fixed + per-image and extrapolated to `--at-batch`. With `--compile` the blocks and loss kernels are
-compiled first: their fused work then no longer shows, and the census is of what still runs eagerly.
+as fixed + per-image and extrapolated to `--at-batch`. It is a census of the eager step only: under a
+dispatch mode Dynamo skips compiled frames and runs them eagerly, so a compiled step cannot be observed this
+way (a `--compile` option, removed on 2026-11-23, recorded the same ops as eager).
 Writes bench/results/census_pretrain_step.json.
 """
 
@@ -35,7 +36,7 @@ from bench.bench_pretrain_gpu import RECIPES, synthetic_batch  # noqa: E402
 from bench.common import write_result  # noqa: E402
 from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
-from pretrain.train import build_meta_arch, compile_for_training  # noqa: E402
+from pretrain.train import build_meta_arch  # noqa: E402
 
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_BF16_FLOPS = 989e12
@@ -100,13 +101,11 @@ class Census(TorchDispatchMode):
         return out
 
 
-def census_at(arch: str, depth: int, batch: int, compile_: bool) -> dict:
+def census_at(arch: str, depth: int, batch: int) -> dict:
     cfg = TrainConfig(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8,
                       depth=depth, **{**RECIPES[arch], "batch_size_per_rank": batch}).validate()
     torch.manual_seed(0)
     meta = build_meta_arch(cfg)
-    if compile_:
-        compile_for_training(meta)
     groups = param_groups(meta.student, num_layers=depth)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], foreach=True)
     apply_schedules(opt, lr=1e-4, last_layer_lr=1e-4, wd=0.04)
@@ -127,7 +126,7 @@ def census_at(arch: str, depth: int, batch: int, compile_: bool) -> dict:
         meta.update_teacher(0.994)
         phase[0] = "step"
 
-    step()  # warm-up: compiles, and creates the optimizer state
+    step()  # warm-up: creates the optimizer state
     with ModuleTracker() as tracker, Census(tracker, phase) as census:
         step()
     return {k: v for k, v in census.rows.items()}
@@ -139,14 +138,13 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=4, help="blocks actually run (scaled to the real depth)")
     ap.add_argument("--batches", type=int, nargs=2, default=[2, 4])
     ap.add_argument("--at-batch", type=int, default=0, help="extrapolate to this batch (0: the recipe's)")
-    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     real_depth = {"vit_small": 12, "vit_base": 12, "vit_large": 24}[args.arch]
     at = args.at_batch or RECIPES[args.arch]["batch_size_per_rank"]
     b1, b2 = args.batches
-    c1, c2 = (census_at(args.arch, args.depth, b, args.compile) for b in (b1, b2))
+    c1, c2 = (census_at(args.arch, args.depth, b) for b in (b1, b2))
     rows = []
     for key in sorted(set(c1) | set(c2)):
         (calls1, by1, fl1), (calls2, by2, fl2) = c1.get(key, [0, 0, 0]), c2.get(key, [0, 0, 0])
@@ -165,7 +163,7 @@ def main() -> int:
         by_where[r["where"]] += r["GB"]
         by_op[r["op"]] += r["GB"]
     summary = {
-        "arch": args.arch, "at_batch": at, "compiled": args.compile, "depth_run": args.depth, "depth": real_depth,
+        "arch": args.arch, "at_batch": at, "depth_run": args.depth, "depth": real_depth,
         "gemm_TFLOP": round(sum(r["GFLOP"] for r in gemm) / 1e3, 2),
         "gemm_ms_at_h100_peak": round(sum(r["GFLOP"] for r in gemm) * 1e9 / H100_BF16_FLOPS * 1e3, 1),
         "other_GB": round(other_gb, 1),
@@ -175,7 +173,7 @@ def main() -> int:
         "top_ops_GB": {k: round(v, 2) for k, v in by_op.most_common(args.top)},
         "top_rows": sorted(other, key=lambda r: -r["GB"])[: args.top],
     }
-    write_result("census_pretrain_step" + ("_compiled" if args.compile else ""),
+    write_result("census_pretrain_step",
                  {"command": "python3 -m bench.census_pretrain_step " + " ".join(sys.argv[1:]), **summary})
     return 0
 
