@@ -36,6 +36,7 @@ from bench.bench_pretrain_gpu import RECIPES, recipe_step  # noqa: E402
 from bench.common import write_result  # noqa: E402
 from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.masking import MaskingGenerator, collate_crops  # noqa: E402
+from pretrain.models.vit import ARCHS  # noqa: E402
 from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
 from pretrain.train import build_meta_arch, compile_for_training  # noqa: E402
 
@@ -46,7 +47,7 @@ def tiny_config(arch: str, width: int, batch: int) -> TrainConfig:
     """The recipe's structure at `width` channels: heads keep their count (head dim = width / heads)."""
     kw = {**RECIPES[arch], "batch_size_per_rank": batch, "dino_prototypes": 4 * width, "ibot_prototypes": 4 * width,
           "head_hidden_dim": width, "head_bottleneck_dim": width // 2}
-    heads = {"vit_small": 6, "vit_large": 16}[arch]
+    heads = ARCHS[kw["arch"]]["num_heads"]
     return TrainConfig(patch_size=PATCH, img_size=GLOBAL_PX, global_crops_size=GLOBAL_PX, local_crops_size=LOCAL_PX,
                        local_crops_number=N_LOCAL, embed_dim=width - width % heads, num_heads=heads, **kw).validate()
 
