@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,40 @@ def test_fsdp2_two_cpu_processes_then_resume_in_one(tmp_path):
     resumed = train(tiny_config(), out, dataset=ListStream(toy_images(32)[::2]))
     assert resumed["resumed_from"] == 3 and resumed["world_size"] == 1
     assert [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if "total_loss" in r] == list(range(6))
+
+
+@pytest.mark.slow
+def test_two_nodes_at_a_rendezvous_train_as_one_node_with_two_processes(tmp_path):
+    """Multi-node launch (pretrain.launch): two torchrun agents, one process each, meet at a c10d rendezvous
+    as two nodes would (here both on this machine, sharing the run directory as nodes share storage), and
+    train FSDP2 exactly as one node with two processes does: same losses bit for bit, one DCP shard each."""
+    from pretrain.launch import Launch, torchrun_module
+
+    def launch(out: Path, how: Launch) -> None:
+        torchrun_module("tests.pretrain_torchrun_worker", [str(out), "3"], how, on_output=lambda line: None)
+
+    nodes = Launch(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="two-nodes")
+    failures: list[BaseException] = []
+
+    def node() -> None:
+        try:
+            launch(tmp_path / "nodes", nodes)
+        except BaseException as e:  # reported below: a thread's exception would otherwise only be printed
+            failures.append(e)
+
+    threads = [threading.Thread(target=node) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not failures and not any(t.is_alive() for t in threads), failures
+    launch(tmp_path / "one", Launch(nproc=2))
+
+    summary = json.loads((tmp_path / "nodes" / "worker.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations_done"] == 3
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (tmp_path / "nodes" / "checkpoints" / "it_00000003").iterdir()}
+    assert len(_losses(tmp_path / "nodes")) == 3
+    assert _losses(tmp_path / "nodes") == _losses(tmp_path / "one")
 
 
 @pytest.mark.cuda
