@@ -54,6 +54,24 @@ def synthetic_batch(b: int, n_local: int, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
 
 
+# Kernel name fragments by kind, first match wins (cuBLAS/CUTLASS GEMMs are named after their tile configs).
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma")),
+    ("compiled (triton)", ("triton_",)),
+    ("optimizer / EMA / clip (foreach)", ("multi_tensor_apply", "foreach", "adam")),
+    ("collectives", ("nccl",)),
+    ("copies", ("memcpy", "memset", "copy_kernel", "catarraybatchedcopy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, from its name; "eager elementwise / other" when nothing matches (ATen's
+    elementwise, reduction, norm and indexing kernels: the memory-bound work that compiling should fuse)."""
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "eager elementwise / other")
+
+
 def profile_steps(step, n: int, rows: int) -> dict:
     """Top kernels by CUDA time over `n` steps, the summed kernel time per step, and how many compiled regions
     ran per step (0 with --compile means the blocks fell back to eager). (The profiler's own CPU overhead
@@ -70,10 +88,21 @@ def profile_steps(step, n: int, rows: int) -> dict:
     wall = time.perf_counter() - t
     events = p.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
-    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.self_device_time_total for e in kernels)
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3 / n
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
     regions = sum(e.count for e in events if e.key.startswith("Torch-Compiled Region"))
     return {"profiled_steps": n, "profiled_wall_s": round(wall, 4), "kernel_s_per_step": round(kernel_us / 1e6 / n, 4),
-            "compiled_regions_per_step": regions / n}
+            "compiled_regions_per_step": regions / n,
+            # Where the GPU's time goes, so one device call says what to attack next (kept in the JSON, as a
+            # device call's text output may be cut).
+            "kernel_ms_per_step_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_per_step": [[e.key[:90], round(e.self_device_time_total / 1e3 / n, 2), e.count // n]
+                                        for e in top]}
 
 
 def count_step_flops(cfg: TrainConfig, batch: dict, dev: torch.device) -> int:

@@ -84,8 +84,9 @@ class SSLMetaArch(nn.Module):
         t = [_local(p.detach()) for p in self.teacher.parameters()]
         if len(s) != len(t):
             raise RuntimeError("student and teacher have different parameter lists")
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        # One pass (t += (1 - m) (s - t)) instead of a multiply pass and an add pass over the teacher: the
+        # EMA is memory-bound, ~0.4 B parameters in ViT-L/14's recipe.
+        torch._foreach_lerp_(t, s, 1.0 - momentum)
 
     @torch.no_grad()
     def _teacher_targets(self, global_crops, mask_indices, n_half: int, teacher_temp: float):
