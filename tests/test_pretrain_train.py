@@ -8,7 +8,7 @@ import math
 import os
 import subprocess
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -189,20 +189,8 @@ def test_two_nodes_at_a_rendezvous_train_as_one_node_with_two_processes(tmp_path
         torchrun_module("tests.pretrain_torchrun_worker", [str(out), "3"], how, on_output=lambda line: None)
 
     nodes = Launch(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="two-nodes")
-    failures: list[BaseException] = []
-
-    def node() -> None:
-        try:
-            launch(tmp_path / "nodes", nodes)
-        except BaseException as e:  # reported below: a thread's exception would otherwise only be printed
-            failures.append(e)
-
-    threads = [threading.Thread(target=node) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert not failures and not any(t.is_alive() for t in threads), failures
+    with ThreadPoolExecutor(2) as pool:  # both agents at once: each waits at the rendezvous for the other
+        list(pool.map(lambda _: launch(tmp_path / "nodes", nodes), range(2)))  # list(): a node's error is raised
     launch(tmp_path / "one", Launch(nproc=2))
 
     summary = json.loads((tmp_path / "nodes" / "worker.json").read_text())
