@@ -35,22 +35,29 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     1. Same iterations as DINOv2, in float32 in the log domain: with T = 0.04 the official exp(t / T)
     overflows or underflows for logits a few units apart, while here no sample or prototype can end up as
     0/0. Returns a (B, K) matrix whose rows sum to 1.
+
+    The iterations update only potentials, a (B, 1) per row and b (1, K) per column, with the assignment
+    always exp(t / T + a + b): each half-iteration is a reduction that reads the logits, and the only
+    (B, K) matrix written is the result. (Normalising the matrix itself, as the official code does, writes
+    and rereads a float32 (B, K) matrix in every half-iteration: ~3x the memory traffic, ~1.3 GB per pass
+    at ViT-L/14's 131,072 prototypes.) The official divisions by K and by the batch size are constant
+    shifts of the potentials, which the next normalisation cancels, so they are left out.
     """
     if n_iterations < 1:
         raise ValueError("sinkhorn_knopp needs at least one iteration")
-    x, scale = teacher_logits, 1.0 / teacher_temp  # the scale applies once, in the first passes
-    k = x.shape[1]
-    for i in range(n_iterations):
-        if x.shape[0]:
-            m, s = math.column_max_and_sumexp(x, scale)
+    x, scale = teacher_logits, 1.0 / teacher_temp
+    rows, k = x.shape
+    a = torch.zeros((rows, 1), device=x.device)
+    for _ in range(n_iterations):
+        if rows:
+            m, s = math.column_max_and_sumexp(x, scale, a)
         else:  # no rows here, but the collectives must still be joined
             m = torch.full((1, k), float("-inf"), device=x.device)
             s = torch.zeros((1, k), device=x.device)
-        column_lse = _merge_column_logsumexp(m, s)
-        last = i == n_iterations - 1
-        x = math.sinkhorn_step(x, scale, column_lse, last) if x.shape[0] else x.float()
-        scale = None
-    return x
+        b = -_merge_column_logsumexp(m, s)
+        if rows:
+            a = math.row_potential(x, scale, b)
+    return math.sinkhorn_targets(x, scale, a, b) if rows else x.float()
 
 
 @torch.no_grad()

@@ -33,39 +33,43 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor,
     return torch.softmax((t - center) / teacher_temp, dim=-1), t.sum(dim=0, keepdim=True)
 
 
-def _scaled(x: torch.Tensor, scale: float | None) -> torch.Tensor:
-    # Only Sinkhorn's first iteration scales (by 1 / T); the others pass None: a multiply by 1 would be a
-    # full pass in eager mode, and a test of the float's value would make Dynamo specialise on it.
-    return x.float() if scale is None else x.float() * scale
+def _potential_plus_scaled(potential: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """potential + scale * x as a new float32 matrix, which the callers may update in place. (Not
+    torch.add(potential, x, alpha=scale), one pass fewer in eager mode: Dynamo specialises on alpha, so every
+    new teacher temperature would recompile.)"""
+    return (x.float() * scale).add_(potential)
 
 
-def column_max_and_sumexp(x: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column of `scale * x` (x when `scale` is None): its max m and sum(exp(scale * x - m)), both
-    (1, K). Two such pairs from different ranks merge exactly into the logsumexp of the union of their rows
-    (centering.py)."""
-    y = _scaled(x, scale)
+def column_max_and_sumexp(x: torch.Tensor, scale: float, row_potential: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of `scale * x + a` (`a`: the (rows, 1) row potentials): its max m and
+    sum(exp(scale * x + a - m)), both (1, K). Two such pairs from different ranks merge exactly into the
+    logsumexp of the union of their rows (centering.py)."""
+    y = _potential_plus_scaled(row_potential, x, scale)
     m = y.amax(dim=0, keepdim=True)
-    return m, torch.exp(y - m).sum(dim=0, keepdim=True)
+    return m, y.sub_(m).exp_().sum(dim=0, keepdim=True)
 
 
-def sinkhorn_step(x: torch.Tensor, scale: float | None, column_lse: torch.Tensor, last: bool) -> torch.Tensor:
-    """One Sinkhorn-Knopp iteration in the log domain: every prototype (column) to equal mass, with its
-    logsumexp over all ranks' rows given, then every sample (row) to mass 1. The official code's divisions
-    by K and by the batch size are constant shifts here, which the next normalisation cancels, so they are
-    left out. `last`: return the probabilities themselves, exp of the log."""
-    y = _scaled(x, scale) - column_lse
-    y = y - torch.logsumexp(y, dim=1, keepdim=True)
-    return torch.exp(y) if last else y
+def row_potential(x: torch.Tensor, scale: float, column_potential: torch.Tensor) -> torch.Tensor:
+    """Sinkhorn-Knopp's row step on the potentials: a = -logsumexp over each row of `scale * x + b`, (rows, 1),
+    so that every row of exp(scale * x + a + b) sums to 1."""
+    return -torch.logsumexp(_potential_plus_scaled(column_potential, x, scale), dim=1, keepdim=True)
+
+
+def sinkhorn_targets(x: torch.Tensor, scale: float, row_potential: torch.Tensor,
+                     column_potential: torch.Tensor) -> torch.Tensor:
+    """The balanced assignment exp(scale * x + a + b): one pass that reads the logits and writes the targets."""
+    return _potential_plus_scaled(row_potential, x, scale).add_(column_potential).exp_()
 
 
 @dataclass(frozen=True)
 class LossMath:
-    """The four kernels of the losses, eager or compiled (same signatures, same results to rounding)."""
+    """The kernels of the losses, eager or compiled (same signatures, same results to rounding)."""
 
     soft_cross_entropy: Callable = soft_cross_entropy
     centered_softmax: Callable = centered_softmax
     column_max_and_sumexp: Callable = column_max_and_sumexp
-    sinkhorn_step: Callable = sinkhorn_step
+    row_potential: Callable = row_potential
+    sinkhorn_targets: Callable = sinkhorn_targets
 
     @staticmethod
     def compiled() -> "LossMath":
