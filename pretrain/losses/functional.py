@@ -40,7 +40,8 @@ def _potential_plus_scaled(potential: torch.Tensor, x: torch.Tensor, scale: floa
     return (x.float() * scale).add_(potential)
 
 
-def column_max_and_sumexp(x: torch.Tensor, scale: float, row_potential: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def column_max_and_sumexp(x: torch.Tensor, scale: float,
+                          row_potential: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column of `scale * x + a` (`a`: the (rows, 1) row potentials): its max m and
     sum(exp(scale * x + a - m)), both (1, K). Two such pairs from different ranks merge exactly into the
     logsumexp of the union of their rows (centering.py)."""
