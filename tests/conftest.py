@@ -66,6 +66,13 @@ def prefect_server(tmp_path_factory):
     # tasks would return results from a developer's own runs.
     mp.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path_factory.mktemp("prefect-storage")))
     mp.setenv("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
-    with prefect_test_harness(server_startup_timeout=180):
+    # No flow-run heartbeats in the tests' own process. Prefect's heartbeat thread sleeps in 1 s steps and
+    # every flow run joins it on exit, so each run, subflows included, ends ~0.9 s late (a trivial subflow:
+    # 1.35 s with heartbeats, 0.45 s without): about 15 s per pipeline run, the pipeline's 16 flow runs.
+    # Heartbeats only feed zombie-run detection on a server; the product keeps Prefect's default.
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with prefect_test_harness(server_startup_timeout=180), \
+            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
     mp.undo()
