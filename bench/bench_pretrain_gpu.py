@@ -123,16 +123,13 @@ def count_step_flops(cfg: TrainConfig, batch: dict, dev: torch.device) -> int:
 
 def join_single_process_group() -> None:
     """A one-process NCCL group, as `torchrun --nproc-per-node 1` gives the trainer (pretrain/train.py)."""
-    import socket
-
     import torch.distributed as dist
+
+    from lvdflow.net import free_port
 
     if dist.is_initialized():
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def recipe_step(meta, opt, batch: dict, device_type: str, autocast: bool = True) -> torch.Tensor:

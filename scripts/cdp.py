@@ -10,7 +10,6 @@ import asyncio
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,15 +18,11 @@ from pathlib import Path
 
 import websockets
 
+from lvdflow.net import free_port
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1400,1100", "--remote-allow-origins=*"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Browser:
@@ -35,7 +30,7 @@ class Browser:
         exe = shutil.which("chromium") or shutil.which("chromium-browser")
         if not exe:
             raise RuntimeError("chromium not found (Debian package 'chromium')")
-        self.port = _free_port()
+        self.port = free_port()
         self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.proc = subprocess.Popen(
             [exe, *FLAGS, f"--remote-debugging-port={self.port}", "--remote-debugging-address=127.0.0.1",

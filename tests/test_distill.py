@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lvdflow.errors import UserError
+from lvdflow.net import free_port
 from pretrain.data import BatchStream
 from pretrain.distill.config import DistillConfig, load_distill_config
 from pretrain.distill.meta_arch import unmasked_ibot_batch
@@ -23,8 +24,7 @@ from pretrain.train import build_augmentation, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_helpers import ListStream, tiny_config, toy_images  # noqa: E402
-# The trainer tests' helpers: a stream that dies like a killed process, a free port.
-from net_helpers import free_port  # noqa: E402
+# The trainer tests' helper: a stream that dies like a killed process.
 from test_pretrain_train import Crash, CrashingStream  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.net_helpers import free_port
+from lvdflow.net import free_port
 from tests.prefect_helpers import deploy_and_run_local, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -181,7 +181,7 @@ def test_sinkhorn_and_centre_over_two_ranks_equal_one_process_on_all_rows(tmp_pa
     union of their rows, and the centre moves by the mean over all rows, as one process holding them all."""
     import torch.multiprocessing as mp
 
-    from net_helpers import free_port
+    from lvdflow.net import free_port
 
     torch.manual_seed(0)
     logits = torch.randn(sum(rows), 8) * 2 + torch.arange(8.0)  # unbalanced prototypes

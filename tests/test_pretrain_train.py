@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from lvdflow.errors import UserError
+from lvdflow.net import free_port
 from pretrain.config import TrainConfig, load_config, profile_path
 from pretrain.meta_arch import SSLMetaArch, TrainingDiverged
 from pretrain.metrics_log import read_metrics
 from pretrain.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from net_helpers import free_port  # noqa: E402
 from pretrain_helpers import ListStream, tiny_config, toy_images  # noqa: E402
 
 LOSS_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.image_helpers import noise_images
-from tests.net_helpers import free_port
+from lvdflow.net import free_port
 from tests.prefect_helpers import start_server, stop_server, task_states
 
 ROOT = Path(__file__).resolve().parents[1]
