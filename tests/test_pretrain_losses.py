@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lvdflow.net import free_port
 from pretrain.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 
 
@@ -180,8 +181,6 @@ def test_sinkhorn_and_centre_over_two_ranks_equal_one_process_on_all_rows(tmp_pa
     """Ranks with different row counts (iBOT's masked patches; even none) balance the prototypes over the
     union of their rows, and the centre moves by the mean over all rows, as one process holding them all."""
     import torch.multiprocessing as mp
-
-    from lvdflow.net import free_port
 
     torch.manual_seed(0)
     logits = torch.randn(sum(rows), 8) * 2 + torch.arange(8.0)  # unbalanced prototypes
