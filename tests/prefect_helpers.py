@@ -47,14 +47,23 @@ def _is_subflow_marker(task_run) -> bool:
     return bool(task_run.state and task_run.state.state_details.child_flow_run_id)
 
 
-def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = None, timeout: int = 600):
-    """Create the work pools, deploy prefect.yaml, run `curate-and-pretrain/local` with the test profile
-    (tiny demo data, a few training steps) through a `--run-once` process worker; returns the finished
-    flow run (read back from the API)."""
-    import json
+def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = None, timeout: int = 600,
+                         deployments: tuple[str, ...] = (), overrides: dict | None = None):
+    """Create the work pools, deploy prefect.yaml (all of it, or the named `deployments`), run
+    `curate-and-pretrain/local` with the test profile (tiny demo data, a few training steps; `overrides` on
+    top) through a `--run-once` process worker; returns the finished flow run (read back from the API).
+
+    `prefect deploy` and the worker are the CLI, as a user runs them. The pools and the run request go
+    through the client in this process: each `prefect` command is a fresh interpreter that spends ~5 s
+    importing Prefect on a 2-core machine, and those two steps test nothing of ours."""
     import os
     import subprocess
     import sys
+
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
 
     env = {**os.environ, **(env or {}), "PREFECT_API_URL": api_url}
 
@@ -64,20 +73,19 @@ def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = No
         assert r.returncode == 0, f"prefect {' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         return r
 
-    prefect("work-pool", "create", "lvdflow-local", "--type", "process", "--overwrite")
-    prefect("work-pool", "create", "lvdflow-gpu", "--type", "process", "--overwrite")
-    prefect("deploy", "--all", "--no-prompt")
-    r = prefect("deployment", "run", "curate-and-pretrain/local", "--param", "profile=test",
-                "--param", "overrides=" + json.dumps({"run_dir": run_dir}))
-    run_id = next(line.split("UUID:")[1].strip() for line in r.stdout.splitlines() if "UUID:" in line)
-    prefect("worker", "start", "--pool", "lvdflow-local", "--run-once", t=timeout)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         with get_client(sync_client=True) as client:
-            return client.read_flow_run(run_id)
-
-
+            for pool in ("lvdflow-local", "lvdflow-gpu"):  # what `prefect work-pool create --type process` makes
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                       base_job_template=ProcessWorker.get_default_base_job_template()),
+                                        overwrite=True)
+        names = [a for d in deployments for a in ("--name", d)] or ["--all"]
+        prefect("deploy", *names, "--no-prompt")
+        flow_run = run_deployment("curate-and-pretrain/local", timeout=0, as_subflow=False,
+                                  parameters={"profile": "test", "overrides": {"run_dir": run_dir, **(overrides or {})}})
+        prefect("worker", "start", "--pool", "lvdflow-local", "--run-once", t=timeout)
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run.id)
 
 
 def start_server(port: int, env: dict, cwd, log_path, timeout: float = 240):

@@ -71,6 +71,12 @@ def postgres():
         shutil.rmtree(base, ignore_errors=True)
 
 
+# The DAG without its two most computing stages: what this test checks is the server on PostgreSQL (the
+# deployment, the flow run, its subflows, task runs, cache records and artifacts stored there); the whole
+# DAG through a deployment is tests/test_deployment.py's job, on SQLite.
+LIGHT = {"dedup": {"enabled": False}, "distill": {"enabled": False}}
+
+
 @pytest.mark.slow
 def test_deployment_runs_against_a_postgres_backed_server(postgres, tmp_path):
     port = free_port()
@@ -82,12 +88,21 @@ def test_deployment_runs_against_a_postgres_backed_server(postgres, tmp_path):
     server = start_server(port, env, tmp_path, tmp_path / "server.log")
     api = f"http://127.0.0.1:{port}/api"
     try:
-        flow_run = deploy_and_run_local(api, str(tmp_path / "run"), ROOT,
+        flow_run = deploy_and_run_local(api, str(tmp_path / "run"), ROOT, deployments=("local",), overrides=LIGHT,
                                         env={k: env[k] for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")})
         assert flow_run.state.is_completed(), flow_run.state
-        rows = subprocess.run(postgres["psql"] + ["-c", f"select state_type from flow_run where id = '{flow_run.id}'"],
-                              capture_output=True, text=True, timeout=60)
-        assert rows.stdout.strip() == "COMPLETED"  # the run lives in PostgreSQL, not in a SQLite file
+
+        def sql(query: str) -> str:
+            r = subprocess.run(postgres["psql"] + ["-c", query], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            return r.stdout.strip()
+
+        # The run lives in PostgreSQL, not in a SQLite file: its state, its subflows' task runs, the artifacts.
+        assert sql(f"select state_type from flow_run where id = '{flow_run.id}'") == "COMPLETED"
+        assert int(sql("select count(*) from flow_run where parent_task_run_id is not null")) >= 8
+        assert set(sql("select key from artifact where key is not null").split()) >= {
+            "ingest-summary", "shard-summary", "pretrain-summary", "curate-and-pretrain-report"}
         assert not list(home.glob("*.db"))
+        assert (tmp_path / "run" / "pretrain" / "teacher" / "teacher_backbone.pth").is_file()
     finally:
         stop_server(server)
