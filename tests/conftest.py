@@ -63,16 +63,22 @@ def prefect_server(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     # The harness swaps only the database; results (the cache records) must be isolated too, or cached
-    # tasks would return results from a developer's own runs.
-    mp.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path_factory.mktemp("prefect-storage")))
+    # tasks would return results from a developer's own runs (prefect.toml keeps them in .prefect/storage).
+    # In the environment for the processes the tests start (workers, flow runs), and as a setting for this
+    # one: Prefect read its settings when the test modules imported it, so a later setenv alone is not
+    # seen here, and this process and a worker's flow runs would keep their cache records apart.
+    from prefect.settings import (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+                                  temporary_settings)
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    mp.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(storage))
     mp.setenv("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
     # No flow-run heartbeats in the tests' own process. Prefect's heartbeat thread sleeps in 1 s steps and
     # every flow run joins it on exit, so each run, subflows included, ends ~0.9 s late (a trivial subflow:
     # 1.35 s with heartbeats, 0.45 s without): about 15 s per pipeline run, the pipeline's 16 flow runs.
     # Heartbeats only feed zombie-run detection on a server; the product keeps Prefect's default.
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
     with prefect_test_harness(server_startup_timeout=180), \
-            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                        PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
         yield
     mp.undo()

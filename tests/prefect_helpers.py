@@ -47,31 +47,15 @@ def _is_subflow_marker(task_run) -> bool:
     return bool(task_run.state and task_run.state.state_details.child_flow_run_id)
 
 
-def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = None, timeout: int = 600,
-                         deployments: tuple[str, ...] = (), overrides: dict | None = None):
-    """Create the work pools, deploy prefect.yaml (all of it, or the named `deployments`), run
-    `curate-and-pretrain/local` with the test profile (tiny demo data, a few training steps; `overrides` on
-    top) through a `--run-once` process worker; returns the finished flow run (read back from the API).
+def deploy_local(api_url: str, root, env: dict | None = None, deployments: tuple[str, ...] = ()) -> None:
+    """Create the work pools and deploy prefect.yaml (all of it, or the named `deployments`).
 
-    `prefect deploy` and the worker are the CLI, as a user runs them. The pools and the run request go
-    through the client in this process: each `prefect` command is a fresh interpreter that spends ~5 s
-    importing Prefect on a 2-core machine, and those two steps test nothing of ours."""
-    import os
-    import subprocess
-    import sys
-
+    `prefect deploy` is the CLI, as a user runs it. The pools are made through the client in this process:
+    each `prefect` command is a fresh interpreter that spends ~5 s importing Prefect on a 2-core machine, and
+    this step tests nothing of ours."""
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
-
-    env = {**os.environ, **(env or {}), "PREFECT_API_URL": api_url}
-
-    def prefect(*args, t=300):
-        r = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=root, capture_output=True,
-                           text=True, timeout=t)
-        assert r.returncode == 0, f"prefect {' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         with get_client(sync_client=True) as client:
@@ -79,13 +63,34 @@ def deploy_and_run_local(api_url: str, run_dir: str, root, env: dict | None = No
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process",
                                                        base_job_template=ProcessWorker.get_default_base_job_template()),
                                         overwrite=True)
-        names = [a for d in deployments for a in ("--name", d)] or ["--all"]
-        prefect("deploy", *names, "--no-prompt")
+    names = [a for d in deployments for a in ("--name", d)] or ["--all"]
+    _prefect(api_url, root, env, "deploy", *names, "--no-prompt")
+
+
+def run_local_deployment(api_url: str, root, overrides: dict, env: dict | None = None, timeout: int = 600):
+    """Run `curate-and-pretrain/local` with the test profile (tiny demo data, a few training steps) and
+    `overrides` through a `--run-once` process worker; returns the finished flow run, read back from the API.
+    The run is requested through the client here (as `prefect deployment run` does, without its ~5 s start)."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
         flow_run = run_deployment("curate-and-pretrain/local", timeout=0, as_subflow=False,
-                                  parameters={"profile": "test", "overrides": {"run_dir": run_dir, **(overrides or {})}})
-        prefect("worker", "start", "--pool", "lvdflow-local", "--run-once", t=timeout)
+                                  parameters={"profile": "test", "overrides": overrides})
+        _prefect(api_url, root, env, "worker", "start", "--pool", "lvdflow-local", "--run-once", t=timeout)
         with get_client(sync_client=True) as client:
             return client.read_flow_run(flow_run.id)
+
+
+def _prefect(api_url: str, root, env: dict | None, *args: str, t: int = 300):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=root, capture_output=True, text=True,
+                       timeout=t, env={**os.environ, **(env or {}), "PREFECT_API_URL": api_url})
+    assert r.returncode == 0, f"prefect {' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
 
 
 def start_server(port: int, env: dict, cwd, log_path, timeout: float = 240):

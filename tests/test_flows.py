@@ -1,4 +1,5 @@
-"""Stage flows run under Prefect, cache across runs on content, and rerun when they must."""
+"""A stage flow runs under Prefect, caches across runs on content, and reruns when it must (the whole DAG's
+caching: tests/test_deployment.py)."""
 
 from __future__ import annotations
 
@@ -48,35 +49,3 @@ def test_ingest_flow_caches_and_reruns(tmp_path):
 
     _, s6 = _run(ingest_flow, **kw, refresh=["ingest"])
     assert s6["ingest"] == "Completed"
-
-
-CURATE = ["demo-data", "ingest", "dedup", "select", "shard", "pretrain", "embed", "retrieve"]
-
-
-def test_pipeline_caches_and_reruns_only_what_changed(tmp_path):
-    """The whole DAG (test profile): first run computes, the second is all cache, a changed dedup threshold
-    reruns dedup and what follows it while ingest stays cached, a deleted stage output reruns that stage."""
-    from flows.pipeline import curate_and_pretrain
-
-    base = {"run_dir": str(tmp_path / "run")}
-    r1, s1 = _run(curate_and_pretrain, profile="test", overrides=base)
-    assert set(CURATE + ["distill", "evaluate"]) <= set(s1)
-    assert all(st == "Completed" for states in s1.values() for st in _as_list(states)), s1
-    assert r1["ingest"]["counts"]["quarantined"] == 7
-
-    r2, s2 = _run(curate_and_pretrain, profile="test", overrides=base)
-    assert all(st == "Cached" for states in s2.values() for st in _as_list(states)), s2
-    assert r2 == r1
-
-    _, s3 = _run(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
-    assert s3["demo-data"] == "Cached" and _as_list(s3["ingest"]) == ["Cached", "Cached"]
-    assert s3["dedup"] == "Completed" and s3["select"] in ("Completed", "Cached")
-
-    shutil.rmtree(tmp_path / "run" / "retrieve")
-    _, s4 = _run(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
-    assert s4["retrieve"] == "Completed" and s4["dedup"] == "Cached"
-    assert (tmp_path / "run" / "retrieve" / "_SUCCESS").is_file()
-
-
-def _as_list(states):
-    return states if isinstance(states, list) else [states]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lvdflow.net import free_port
-from tests.prefect_helpers import deploy_and_run_local, start_server, stop_server
+from tests.prefect_helpers import deploy_local, run_local_deployment, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,8 +88,9 @@ def test_deployment_runs_against_a_postgres_backed_server(postgres, tmp_path):
     server = start_server(port, env, tmp_path, tmp_path / "server.log")
     api = f"http://127.0.0.1:{port}/api"
     try:
-        flow_run = deploy_and_run_local(api, str(tmp_path / "run"), ROOT, deployments=("local",), overrides=LIGHT,
-                                        env={k: env[k] for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")})
+        cli_env = {k: env[k] for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
+        deploy_local(api, ROOT, cli_env, deployments=("local",))
+        flow_run = run_local_deployment(api, ROOT, {"run_dir": str(tmp_path / "run"), **LIGHT}, cli_env)
         assert flow_run.state.is_completed(), flow_run.state
 
         def sql(query: str) -> str:
