@@ -13,17 +13,20 @@ def task_states(flow_run_id, settle_s: float = 30.0) -> dict[str, str]:
 
     Called once the flow run has finished, so every task has too; but a task that ran in another process (a
     Ray or Dask worker) reports its last state to the server on its own, which can land a moment after the
-    flow's. Wait up to `settle_s` for every task run to reach a final state before reading the names."""
+    flow's. Wait up to `settle_s` for every task run to reach a final state before reading the names.
+    The server records task-run states from events, in the background: on a loaded machine a task run can
+    be read with its state type set and its state object not yet there; that, too, is read again."""
     deadline = time.monotonic() + settle_s
     while True:
         trs, runs = _task_runs(flow_run_id)
-        if all(t.state is None or t.state.is_final() for t in trs) or time.monotonic() > deadline:
+        settled = all(t.state.is_final() if t.state is not None else t.state_type is None for t in trs)
+        if settled or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     # subflow calls appear as task runs too (dummy tasks); keep real stage tasks only
     out: dict[str, list[str]] = {}
     for t in sorted(trs, key=lambda t: t.expected_start_time or t.created):
-        if t.state_type is not None and t.flow_run_id in runs and not _is_subflow_marker(t):
+        if t.state is not None and t.flow_run_id in runs and not _is_subflow_marker(t):
             out.setdefault(t.name.rsplit("-", 1)[0], []).append(t.state.name)
     return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
 
