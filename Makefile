@@ -11,9 +11,8 @@ demo: setup
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures stay shared): most of the suite
 # waits on Prefect servers, subprocesses and rendezvous rather than computing, so two workers on 2 cores
-# take ~30% less wall time than one. The files go out in collection order, slowest first (tests/conftest.py),
-# not xdist's order by test count. `make test PYTEST_ARGS=-q` runs it in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
+# take ~30% less wall time than one. `make test PYTEST_ARGS=-q` runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)

@@ -11,28 +11,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-# The files that take longest, longest first (seconds each under `make test`'s two workers, 2-core machine).
-# `make test` runs them first, with xdist's reordering by test count turned off: that order started
-# the slowest files, which hold one or two tests each, last, and one worker then ran them alone at the end.
-SLOW_FILES = [
-    "test_deployment.py",        # ~330: the whole DAG through a worker, twice, then two reruns
-    "test_scaleout.py",          # ~280: Dask clusters
-    "test_pretrain_train.py",    # ~190: FSDP2 under torchrun, two-node rendezvous, kill and resume
-    "test_pretrain_direction.py",  # ~180: 200 training iterations and kNN
-    "test_torchrun_flows.py",    # ~120
-    "test_postgres_server.py",   # ~110
-    "test_distill.py",           # ~100
-    "test_pretrain_data.py",     # ~95
-    "test_embed.py",             # ~90
-    "test_shards.py",            # ~80
-    "test_server_restart.py",    # ~75
-    "test_kill_resume.py",       # ~70
-]
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     try:
         import torch
 
