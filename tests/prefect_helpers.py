@@ -31,6 +31,13 @@ def task_states(flow_run_id, settle_s: float = 30.0) -> dict[str, str]:
     return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
 
 
+def run_flow(flow, **kw):
+    """Run `flow` in this process; assert it completed; return (its result, task_states of its run)."""
+    state = flow(return_state=True, **kw)
+    assert state.is_completed(), state
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
 def _task_runs(flow_run_id) -> tuple[list, list]:
     """(task runs, flow run ids) of a flow run and all its subflow runs."""
     with get_client(sync_client=True) as client:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_helpers import deploy_local, run_local_deployment, task_states
+from tests.prefect_helpers import deploy_local, run_flow, run_local_deployment, task_states
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,20 +54,14 @@ def test_deployment_runs_the_dag_then_reruns_only_what_changed(tmp_path):
     assert set(s2) == set(s1)
     assert all(st == "Cached" for states in s2.values() for st in _as_list(states)), s2
 
-    _, s3 = _run(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
+    _, s3 = run_flow(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
     assert s3["demo-data"] == "Cached" and _as_list(s3["ingest"]) == ["Cached", "Cached"]
     assert s3["dedup"] == "Completed" and s3["select"] in ("Completed", "Cached")
 
     shutil.rmtree(run / "retrieve")
-    _, s4 = _run(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
+    _, s4 = run_flow(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
     assert s4["retrieve"] == "Completed" and s4["dedup"] == "Cached"
     assert (run / "retrieve" / "_SUCCESS").is_file()
-
-
-def _run(flow, **kw):
-    state = flow(return_state=True, **kw)
-    assert state.is_completed(), state
-    return state.result(), task_states(state.state_details.flow_run_id)
 
 
 def _as_list(states):

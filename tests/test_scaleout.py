@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from flows.config import RunnerConfig
-from tests.prefect_helpers import task_states
+from tests.prefect_helpers import run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -53,12 +53,6 @@ def pool(tmp_path_factory) -> Path:
     return root
 
 
-def _run(flow, **kw):
-    state = flow(return_state=True, **kw)
-    assert state.is_completed(), state
-    return state.result(), task_states(state.state_details.flow_run_id)
-
-
 def _tables_equal(a: Path, b: Path) -> None:
     ta, tb = pq.read_table(a), pq.read_table(b)
     assert ta.num_rows == tb.num_rows
@@ -80,8 +74,8 @@ def test_ingest_on_dask_equals_the_single_process_run(pool, dask_address, tmp_pa
     listing.write_text(f"path\n{pool / 'folder' / '000.jpg'}\n")
     sources = [str(pool / "folder"), str(pool / "shard.tar"), str(listing)]
     ref = run_ingest(sources, tmp_path / "inline", workers=0, batch_size=8)
-    got, states = _run(ingest_flow, sources=sources, out=str(tmp_path / "dask"), batch_size=8,
-                       runner=RunnerConfig(kind="dask", address=dask_address))
+    got, states = run_flow(ingest_flow, sources=sources, out=str(tmp_path / "dask"), batch_size=8,
+                          runner=RunnerConfig(kind="dask", address=dask_address))
     assert _n_parts(states, "ingest-part") == -(-ref["counts"]["inputs"] // 8) >= 7
     assert got["counts"] == ref["counts"] and got["quarantine_reasons"] == ref["quarantine_reasons"]
     assert {"too-small", "duplicate-entry"} <= set(ref["quarantine_reasons"]) and len(ref["quarantine_reasons"]) >= 3
@@ -106,8 +100,8 @@ def test_embed_on_dask_equals_the_single_process_run(manifest, dask_address, tmp
     kw = dict(arch="vit_small", patch_size=8, img_size=32, num_heads=6, allow_random_init=True, batch_size=8,
               num_workers=0, device="cpu", shard_size=16)
     ref = run_embed(manifest, None, tmp_path / "inline", **kw)
-    got, states = _run(embed_flow, manifest=str(manifest), weights=None, out=str(tmp_path / "dask"),
-                       runner=RunnerConfig(kind="dask", address=dask_address), **kw)
+    got, states = run_flow(embed_flow, manifest=str(manifest), weights=None, out=str(tmp_path / "dask"),
+                          runner=RunnerConfig(kind="dask", address=dask_address), **kw)
     assert _n_parts(states, "embed-part") == ref["counts"]["shards"] >= 3
     assert got["counts"] == ref["counts"]
     ids_a, vec_a = load_embeddings(tmp_path / "inline")
@@ -124,7 +118,7 @@ def test_shard_on_task_runners_equals_the_single_process_run(manifest, tmp_path,
     ref = run_shard(manifest, tmp_path / "inline", max_count=10)
     # "dask-local": the runner starts (and stops) its own LocalCluster of 2 processes.
     runner = RunnerConfig(kind="dask" if kind == "dask-local" else kind, workers=2)
-    got, states = _run(shard_flow, source=str(manifest), out=str(tmp_path / kind), max_count=10, runner=runner)
+    got, states = run_flow(shard_flow, source=str(manifest), out=str(tmp_path / kind), max_count=10, runner=runner)
     assert _n_parts(states, "shard-part") == ref["counts"]["shards"] >= 5
     assert got["counts"] == ref["counts"]
     tars = sorted(p.name for p in (tmp_path / "inline").glob("*.tar"))
@@ -140,8 +134,8 @@ def test_shard_on_ray_equals_the_single_process_run(manifest, tmp_path):
     from shards.writer import run_shard
 
     ref = run_shard(manifest, tmp_path / "inline", max_count=10)
-    got, states = _run(shard_flow, source=str(manifest), out=str(tmp_path / "ray"), max_count=10,
-                       runner=RunnerConfig(kind="ray", workers=2))
+    got, states = run_flow(shard_flow, source=str(manifest), out=str(tmp_path / "ray"), max_count=10,
+                          runner=RunnerConfig(kind="ray", workers=2))
     assert _n_parts(states, "shard-part") == ref["counts"]["shards"]
     for p in sorted((tmp_path / "inline").glob("*.tar")):
         assert p.read_bytes() == (tmp_path / "ray" / p.name).read_bytes(), p.name
@@ -161,8 +155,8 @@ def test_dedup_on_dask_equals_the_single_process_run(pool, dask_address, tmp_pat
         (folder / p.name).write_bytes(p.read_bytes())
     params = {"chunk": 8, "threshold": 0.6}
     ref = run_dedup(folder, tmp_path / "inline", **params)
-    got, states = _run(dedup_flow, input=str(folder), out=str(tmp_path / "dask"), params=params,
-                       runner=RunnerConfig(kind="dask", address=dask_address))
+    got, states = run_flow(dedup_flow, input=str(folder), out=str(tmp_path / "dask"), params=params,
+                          runner=RunnerConfig(kind="dask", address=dask_address))
     assert _n_parts(states, "dedup-part") == -(-33 // 8)
     assert got["counts"] == ref["counts"] and ref["counts"]["removed"] >= 1
     _tables_equal(tmp_path / "inline" / "dedup.parquet", tmp_path / "dask" / "dedup.parquet")
@@ -184,9 +178,9 @@ def test_retrieve_on_dask_equals_the_single_process_run(dask_address, tmp_path):
     args = (str(tmp_path / "pool_emb"), [str(tmp_path / "q")], str(tmp_path / "ingest" / "manifest.parquet"))
     params = {"mode": "sample", "k": 5, "n_clusters": 3, "query_chunk": 8, "search_batch": 4, "report": False}
     ref = run_retrieve(*args, tmp_path / "inline", **params)
-    got, states = _run(retrieve_flow, pool_embeddings=args[0], query_embeddings=args[1], pool_manifest=args[2],
-                       out=str(tmp_path / "dask"), params=params,
-                       runner=RunnerConfig(kind="dask", address=dask_address))
+    got, states = run_flow(retrieve_flow, pool_embeddings=args[0], query_embeddings=args[1], pool_manifest=args[2],
+                          out=str(tmp_path / "dask"), params=params,
+                          runner=RunnerConfig(kind="dask", address=dask_address))
     assert _n_parts(states, "retrieve-part") == 36 // 8 + 1
     assert got["counts"] == ref["counts"] and ref["counts"]["collisions"] > 0
     _tables_equal(tmp_path / "inline" / "retrieved.parquet", tmp_path / "dask" / "retrieved.parquet")
