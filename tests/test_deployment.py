@@ -54,12 +54,13 @@ def test_deployment_runs_the_dag_then_reruns_only_what_changed(tmp_path):
     assert set(s2) == set(s1)
     assert all(st == "Cached" for states in s2.values() for st in _as_list(states)), s2
 
-    _, s3 = run_flow(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
+    changed = {**base, "dedup": {"threshold": 0.5}}
+    _, s3 = run_flow(curate_and_pretrain, profile="test", overrides=changed)
     assert s3["demo-data"] == "Cached" and _as_list(s3["ingest"]) == ["Cached", "Cached"]
     assert s3["dedup"] == "Completed" and s3["select"] in ("Completed", "Cached")
 
     shutil.rmtree(run / "retrieve")
-    _, s4 = run_flow(curate_and_pretrain, profile="test", overrides={**base, "dedup": {"threshold": 0.5}})
+    _, s4 = run_flow(curate_and_pretrain, profile="test", overrides=changed)
     assert s4["retrieve"] == "Completed" and s4["dedup"] == "Cached"
     assert (run / "retrieve" / "_SUCCESS").is_file()
 
