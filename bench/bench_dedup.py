@@ -123,7 +123,8 @@ def components_from_pairs(names: list[str], pairs: list[tuple[str, str]]) -> dic
 def run_ours(data: Path, out: Path, family, source, edits, threads: int) -> dict:
     import pyarrow.parquet as pq
 
-    from curation.dedup.stage import run_dedup
+    from curation.dedup.stage import PAIRS, candidates_dir_for, run_dedup
+    from lvdflow.stage import read_manifest
 
     t = time.time()
     m = run_dedup(data, out, threads=threads)
@@ -132,10 +133,11 @@ def run_ours(data: Path, out: Path, family, source, edits, threads: int) -> dict
     labels = {r["path"]: r["component"] for r in rows}
     keep = {r["path"]: r["keep"] for r in rows}
     res = {"threshold": 0.6, **pair_metrics(labels, family, keep), **hard_negative_merges(labels, family, source),
-           "seconds": round(secs, 1), "images_per_s": round(len(rows) / secs, 2), "stage_seconds": m["seconds"],
+           "seconds": round(secs, 1), "images_per_s": round(len(rows) / secs, 2),
+           "stage_seconds": {**read_manifest(candidates_dir_for(out))["seconds"], **m["seconds"]},
            "recall_by_edit": per_edit_recall(labels, family, edits)}
     # threshold sweep from the scored candidate pairs (no rerun)
-    pairs = pq.read_table(out / "pairs.parquet").to_pylist()
+    pairs = pq.read_table(candidates_dir_for(out) / PAIRS).to_pylist()
     names = [r["path"] for r in rows]
     area = {r["path"]: r["width"] * r["height"] for r in rows}
     order = {n: i for i, n in enumerate(names)}
@@ -196,7 +198,7 @@ def run_demo(demo: Path, out: Path, threads: int) -> dict:
     """
     import pyarrow.parquet as pq
 
-    from curation.dedup.stage import run_dedup
+    from curation.dedup.stage import PAIRS, candidates_dir_for, run_dedup
 
     gt = {r["relpath"]: r for r in pq.read_table(demo / "ground_truth.parquet").to_pylist()}
     root = {p: (r["copy_of"] or p) for p, r in gt.items()}
@@ -204,7 +206,7 @@ def run_demo(demo: Path, out: Path, threads: int) -> dict:
     t = time.time()
     run_dedup(demo / "pool", out, references=[demo / "eval"], reference_threshold=0.45, threads=threads)
     secs = time.time() - t
-    pairs = pq.read_table(out / "pairs.parquet").to_pylist()
+    pairs = pq.read_table(candidates_dir_for(out) / PAIRS).to_pylist()
     rows = pq.read_table(out / "dedup.parquet").to_pylist()
     sweep = []
     for th in (0.45, 0.5, 0.6, 0.7, 0.8):

@@ -24,7 +24,8 @@ from lvdflow.stage import is_complete, read_manifest
 CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
     "ingest": "1",
-    "dedup": "2",  # built-in descriptor: two keypoint scales, wider spread test
+    "dedup-candidates": "1",
+    "dedup": "3",  # 2: built-in descriptor, two keypoint scales; 3: the decision alone, candidates apart
     "select": "1",
     "embed": "3",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged)
     "retrieve": "1",

@@ -1,12 +1,12 @@
 """The `curate-and-pretrain` DAG and its `curate` part: every stage in order, each cached across runs.
 
-    curate:  [demo-data] -> ingest (pool, queries) -> dedup (+ decontamination) -> select
+    curate:  [demo-data] -> ingest (pool, queries) -> dedup (candidates, then decision + decontamination) -> select
              -> [bootstrap embedder: shard queries -> pretrain] -> embed (pool, queries) -> retrieve -> shard
     curate-and-pretrain:  curate -> pretrain -> distill -> evaluate
 
-Each stage is a subflow over one cached task (see flows/caching.py): a second run of the same deployment
-finds every stage in the cache, a changed parameter reruns that stage and those downstream of it (their
-inputs' fingerprints change), and `refresh` names stages to rerun regardless.
+Each stage is a subflow over one cached task, dedup over two (see flows/caching.py): a second run of the
+same deployment finds every stage in the cache, a changed parameter reruns that stage and those downstream
+of it (their inputs' fingerprints change), and `refresh` names stages to rerun regardless.
 """
 
 from __future__ import annotations

@@ -171,6 +171,46 @@ def test_rerun_is_deterministic(pool_result, tmp_path):
     assert m2["digest"] == m["digest"]
 
 
+def test_other_thresholds_reuse_the_candidates_and_equal_a_run_from_scratch(pool_result, tmp_path):
+    """decide_dedup on the first run's candidates, at other thresholds, writes what a whole run at those
+    thresholds writes; the scored pairs say which edges and reference hits it keeps."""
+    from curation.dedup.stage import PAIRS, REFERENCE_PAIRS, candidates_dir_for, decide_dedup, run_dedup
+
+    tmp, fam, m, rows = pool_result
+    cand = candidates_dir_for(tmp / "out")
+    scores = pq.read_table(cand / PAIRS).column("score").to_numpy()
+    ref_scores = pq.read_table(cand / REFERENCE_PAIRS).column("score").to_numpy()
+    # The built-in score, 1 - exp(-inliers / 8.73), saturates for these planted copies: only 1.0 cuts some
+    # of them (a pair at 0.9999986 and the reference copy at 0.99998 go, the 1.0 pairs stay).
+    th = rth = 1.0
+    reused = decide_dedup(cand, tmp_path / "reused", threshold=th, reference_threshold=rth, threads=2)
+    assert reused["counts"]["copy_edges"] == int((scores >= th).sum()) < m["counts"]["copy_edges"]
+    assert reused["counts"]["reference_hits"] == int((ref_scores >= rth).sum()) < m["counts"]["reference_hits"]
+    scratch = run_dedup(tmp / "pool", tmp_path / "scratch", references=[tmp / "ref"], threshold=th,
+                        reference_threshold=rth, threads=2)
+    assert reused["digest"] == scratch["digest"]
+    assert reused["counts"] == scratch["counts"] and reused["counts"]["kept"] > m["counts"]["kept"]
+
+
+def test_candidates_of_other_images_are_refused(pool_result, tmp_path):
+    import shutil
+
+    from curation.dedup.stage import candidates_dir_for, decide_dedup, find_candidates
+    from lvdflow.errors import UserError
+
+    tmp, fam, m, rows = pool_result
+    with pytest.raises(UserError, match="not a complete dedup-candidates output"):
+        decide_dedup(tmp / "out", tmp_path / "o")  # a dedup output, not its candidates
+    pool = tmp_path / "pool"
+    shutil.copytree(tmp / "pool", pool)
+    cand = find_candidates(pool, candidates_dir_for(tmp_path / "o"), threads=2)
+    assert cand["counts"]["images"] == len(rows)
+    (pool / "rocket.png").unlink()  # the input changed after its candidates were found
+    with pytest.raises(UserError, match="other images"):
+        decide_dedup(cand["dir"], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_inputs_are_user_errors(tmp_path):
     from curation.dedup.stage import run_dedup
     from lvdflow.errors import UserError

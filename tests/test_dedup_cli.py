@@ -16,6 +16,8 @@ from tests.dedup_helpers import make_pool
     (["dedup", "{tmp}", "--out", "{tmp}/o", "--descriptor", "sscd", "--weights", "/no/w.pt"], "weights file does not exist"),
     (["dedup", "{tmp}", "--out", "{tmp}/o", "--weights", "{tmp}"], "only used with"),
     (["dedup", "{tmp}", "--out", "{tmp}"], "must not be the input"),
+    (["dedup", "{tmp}", "--out", "{tmp}/o", "--candidates", "{tmp}"], "--candidates must not be the input"),
+    (["dedup", "{tmp}", "--out", "{tmp}/o", "--candidates", "{tmp}/o"], "must differ from --out"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -44,5 +46,13 @@ def test_flow_runs_and_caches(tmp_path):
     created = m1["created"]
     m2 = dedup_flow(input=str(tmp_path / "pool"), out=str(out), params=params)
     assert m2["created"] == created  # cached: not recomputed
+    # Another threshold reruns the decision on the cached candidates: their folder is not written again.
+    cand = tmp_path / "out-candidates" / "stage.json"
+    written = cand.stat().st_mtime_ns
+    m3 = dedup_flow(input=str(tmp_path / "pool"), out=str(out), params={**params, "threshold": 1.0})
+    assert cand.stat().st_mtime_ns == written and m3["candidates"] == str(cand.parent.resolve())
+    scores = pq.read_table(cand.parent / "pairs.parquet").column("score").to_numpy()
+    assert m3["params"]["threshold"] == 1.0 and m3["counts"]["copy_edges"] == int((scores >= 1.0).sum())
+    assert m3["counts"]["copy_edges"] < m1["counts"]["copy_edges"] == int((scores >= 0.6).sum())
     assert main(["dedup", str(tmp_path / "pool"), "--out", str(tmp_path / "cli_out"), "--threads", "2"]) == 0
     assert (tmp_path / "cli_out" / "dedup.parquet").is_file()

@@ -14,10 +14,11 @@ from tests.prefect_helpers import deploy_local, run_flow, run_local_deployment, 
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGE_ARTIFACTS = {"demo-data-summary", "ingest-summary", "dedup-summary", "select-summary", "embed-summary",
-                   "retrieve-summary", "shard-summary", "pretrain-summary", "distill-summary", "evaluate-summary",
-                   "curate-and-pretrain-report"}
-STAGES = ["demo-data", "ingest", "dedup", "select", "shard", "pretrain", "embed", "retrieve", "distill", "evaluate"]
+STAGE_ARTIFACTS = {"demo-data-summary", "ingest-summary", "dedup-candidates-summary", "dedup-summary",
+                   "select-summary", "embed-summary", "retrieve-summary", "shard-summary", "pretrain-summary",
+                   "distill-summary", "evaluate-summary", "curate-and-pretrain-report"}
+STAGES = ["demo-data", "ingest", "dedup-candidates", "dedup", "select", "shard", "pretrain", "embed", "retrieve",
+          "distill", "evaluate"]
 
 
 @pytest.mark.slow
@@ -25,8 +26,8 @@ STAGES = ["demo-data", "ingest", "dedup", "select", "shard", "pretrain", "embed"
 def test_deployment_runs_the_dag_then_reruns_only_what_changed(tmp_path):
     """One whole DAG computed, then reused: the first run through the worker computes every stage; the
     second, also through the worker (a new process), is all cache; then, in this process on the same cache,
-    a changed dedup threshold reruns dedup and what follows it while ingest stays cached, and a deleted
-    stage output reruns that stage."""
+    a changed dedup threshold reruns dedup's decision and what follows it while ingest and dedup's
+    candidates stay cached, and a deleted stage output reruns that stage."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
@@ -57,6 +58,7 @@ def test_deployment_runs_the_dag_then_reruns_only_what_changed(tmp_path):
     changed = {**base, "dedup": {"threshold": 0.5}}
     _, s3 = run_flow(curate_and_pretrain, profile="test", overrides=changed)
     assert s3["demo-data"] == "Cached" and _as_list(s3["ingest"]) == ["Cached", "Cached"]
+    assert s3["dedup-candidates"] == "Cached"  # the descriptors and scored pairs do not depend on it
     assert s3["dedup"] == "Completed" and s3["select"] in ("Completed", "Cached")
 
     shutil.rmtree(run / "retrieve")

@@ -1,10 +1,13 @@
 """The dedup stage: exact duplicates, copy detection, decontamination, optional pool hygiene.
 
-run_dedup(INPUT, out, ...) writes out/dedup.parquet (one row per pool image: path, component, keep,
+Two halves, each a stage of its own so that another threshold does not describe the images again:
+find_candidates(INPUT, cand) describes every image, searches its faiss neighbours and scores every
+candidate pair (images.parquet, pairs.parquet, reference_pairs.parquet); decide_dedup(cand, out) cuts the
+pairs at the thresholds and writes out/dedup.parquet (one row per pool image: path, component, keep,
 reason, matched, score, ...), out/report.md with PNG grids of the largest groups, and stage.json.
-LVD-142M's recipe: a copy descriptor for every image, k = 64 nearest neighbours by faiss, edges above
-0.6, connected components, one image kept per component; then against the evaluation sets with the
-stricter 0.45, dropping every component that touches one of their images.
+run_dedup(INPUT, out) runs both. LVD-142M's recipe: a copy descriptor for every image, k = 64 nearest
+neighbours by faiss, edges above 0.6, connected components, one image kept per component; then against
+the evaluation sets with the stricter 0.45, dropping every component that touches one of their images.
 """
 
 from __future__ import annotations
@@ -27,29 +30,58 @@ from curation.dedup.scan import scan
 from curation.dedup.selection import decide
 from lvdflow.errors import UserError
 from lvdflow.parts import MapUnits
-from lvdflow.stage import file_digest, publish, work_dir
+from lvdflow.stage import dir_digest, file_digest, is_complete, publish, read_manifest, work_dir
 
 log = logging.getLogger(__name__)
 
 STAGE = "dedup"
+CANDIDATES_STAGE = "dedup-candidates"
 OUTPUT = "dedup.parquet"
-PAIRS = "pairs.parquet"  # every scored candidate pair: for choosing a threshold without rerunning
+# The candidates stage's tables: everything the decision needs, so that another threshold reruns only it.
+IMAGES = "images.parquet"  # one row per pool image, then per reference image: hash, size, decode error
+PAIRS = "pairs.parquet"  # every scored candidate pool pair: also for choosing a threshold by hand
+REFERENCE_PAIRS = "reference_pairs.parquet"  # every scored (pool image, reference image) candidate
 DEFAULT_THRESHOLD = 0.6  # LVD-142M self-dedup
 DEFAULT_REFERENCE_THRESHOLD = 0.45  # LVD-142M relative dedup against evaluation sets (stricter removal)
+# The run_dedup keywords that only the decision reads; the rest choose the candidates.
+DECISION_PARAMS = ("threshold", "reference_threshold", "nsfw", "nsfw_threshold", "faces", "face_min_size")
 
 
-def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | Path] = (),
-              descriptor: str = "builtin", weights: str | Path | None = None,
-              threshold: float = DEFAULT_THRESHOLD, reference_threshold: float = DEFAULT_REFERENCE_THRESHOLD,
-              k: int = 64, index: str = "auto", nsfw: bool = False, nsfw_threshold: float = 0.6,
-              faces: bool = False, face_min_size: int = 24, device: str | None = None,
-              batch_size: int = 64, threads: int | None = None, chunk: int = 256,
-              map_units: MapUnits | None = None) -> dict[str, Any]:
-    """Dedup `input` into `out` (see docs/dedup.md). `map_units` (lvdflow/parts.py) decodes and prepares
-    the descriptors' inputs elsewhere, chunk by chunk; the result is the same as in this process."""
+def candidates_dir_for(out: str | Path) -> Path:
+    """Where run_dedup keeps the candidates of `out` unless told: beside it, `<out>-candidates`."""
+    return Path(str(Path(out)) + "-candidates")
+
+
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """run_dedup's keywords as (find_candidates', decide_dedup's); `threads` goes to both."""
+    decision = {k: v for k, v in params.items() if k in DECISION_PARAMS or k == "threads"}
+    return {k: v for k, v in params.items() if k not in DECISION_PARAMS}, decision
+
+
+def run_dedup(input: str | Path, out: str | Path, *, candidates: str | Path | None = None,
+              references: Sequence[str | Path] = (), threshold: float = DEFAULT_THRESHOLD,
+              reference_threshold: float = DEFAULT_REFERENCE_THRESHOLD, nsfw: bool = False,
+              nsfw_threshold: float = 0.6, faces: bool = False, face_min_size: int = 24,
+              threads: int | None = None, **candidate_params: Any) -> dict[str, Any]:
+    """Dedup `input` into `out` (see docs/dedup.md): find_candidates into `candidates` (default
+    `<out>-candidates`), then decide_dedup. `candidate_params` are find_candidates' keywords."""
+    _check_thresholds(threshold, reference_threshold)
+    cand = find_candidates(input, candidates or candidates_dir_for(out), references=references, threads=threads,
+                           **candidate_params)
+    return decide_dedup(cand["dir"], out, threshold=threshold, reference_threshold=reference_threshold,
+                        nsfw=nsfw, nsfw_threshold=nsfw_threshold, faces=faces, face_min_size=face_min_size,
+                        threads=threads)
+
+
+def find_candidates(input: str | Path, out: str | Path, *, references: Sequence[str | Path] = (),
+                    descriptor: str = "builtin", weights: str | Path | None = None, k: int = 64,
+                    index: str = "auto", device: str | None = None, batch_size: int = 64,
+                    threads: int | None = None, chunk: int = 256,
+                    map_units: MapUnits | None = None) -> dict[str, Any]:
+    """The expensive half of dedup, independent of the thresholds: a descriptor per image, faiss kNN, every
+    candidate pair scored (pool against pool, pool against references). `map_units` (lvdflow/parts.py)
+    decodes and prepares the descriptors' inputs elsewhere, chunk by chunk; the result is the same."""
     t0 = time.time()
-    if not 0.0 < threshold <= 1.0 or not 0.0 < reference_threshold <= 1.0:
-        raise UserError("thresholds must lie in (0, 1]")
     if k < 1:
         raise UserError("k must be at least 1")
     root, records = load_input(input)
@@ -76,32 +108,86 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
     # Candidate pairs: the built-in descriptor verifies only its best few neighbours per image (the
     # geometric check costs milliseconds per pair); learned descriptors take all k.
     k_eff = min(k, getattr(desc, "max_candidates", k))
-    edges_i = edges_j = np.zeros(0, np.int64)
-    edges_s = np.zeros(0, np.float32)
+    none = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    pool_pairs = ref_pairs = none
     index_info: dict = {}
     if len(pool_ids) > 1:
         idx, index_info = build_index(vecs[pool_ids], kind=index)
         qi, qj, qs = knn_pairs(idx, vecs[pool_ids], k_eff, min_score=desc.candidate_floor, exclude_self=True)
         qi, qj = pool_ids[qi], pool_ids[qj]
-        sc = desc.pair_scores(qi, qj, qs)
-        _write_pairs(work / PAIRS, records, qi, qj, qs, sc)
-        keep = sc >= threshold
-        edges_i, edges_j, edges_s = qi[keep], qj[keep], sc[keep]
+        pool_pairs = (qi, qj, qs, desc.pair_scores(qi, qj, qs))
         del idx
-    ref_hits = None
     if len(ref_ids) and len(pool_ids):
         ridx, _ = build_index(vecs[ref_ids], kind=index)
         hi, hj, hs = knn_pairs(ridx, vecs[pool_ids], min(k_eff, len(ref_ids)), min_score=desc.candidate_floor,
                                exclude_self=False)
         hi, hj = pool_ids[hi], ref_ids[hj]
-        sc = desc.pair_scores(hi, hj, hs)
-        keep = sc >= reference_threshold
-        ref_hits = (hi[keep], hj[keep] - n, sc[keep])
+        ref_pairs = (hi, hj - n, hs, desc.pair_scores(hi, hj, hs))
     t_knn = time.time()
 
-    area = scanned.width[:n] * scanned.height[:n]
-    dec = decide(scanned.pixel_hash[:n], area, scanned.error[:n], (edges_i, edges_j, edges_s), ref_hits)
+    shutil.rmtree(work / "builtin_features", ignore_errors=True)  # scratch; can be tens of GB
+    names = [rec.path for rec in records]
+    pq.write_table(pa.table({
+        "name": pa.array(names + ref_names, pa.string()),
+        "reference": pa.array([False] * n + [True] * r, pa.bool_()),
+        "width": pa.array(scanned.width, pa.int64()), "height": pa.array(scanned.height, pa.int64()),
+        "pixel_sha256": pa.array(scanned.pixel_hash, pa.string()),
+        "error": pa.array(scanned.error, pa.string()),
+        "detail": pa.array([d or None for d in scanned.detail], pa.string()),
+    }), work / IMAGES)
+    _write_pairs(work / PAIRS, names, names, *pool_pairs)
+    _write_pairs(work / REFERENCE_PAIRS, names, ref_names, *ref_pairs)
+    manifest = {
+        "stage": CANDIDATES_STAGE,
+        "input": str(root),
+        "references": [str(Path(p).resolve()) for p in references],
+        "params": {"descriptor": descriptor, "k": k, "candidates_per_image": k_eff, "index": index,
+                   **desc.params()},
+        "index": index_info,
+        "counts": {"images": n, "reference_images": r, "candidate_pairs": int(len(pool_pairs[0])),
+                   "reference_candidate_pairs": int(len(ref_pairs[0]))},
+        "seconds": {"describe": round(t_desc - t0, 2), "knn_verify": round(t_knn - t_desc, 2),
+                    "total": round(time.time() - t0, 2)},
+        "digest": dir_digest(work),
+    }
+    return publish(work, out, manifest)
 
+
+def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = DEFAULT_THRESHOLD,
+                 reference_threshold: float = DEFAULT_REFERENCE_THRESHOLD, nsfw: bool = False,
+                 nsfw_threshold: float = 0.6, faces: bool = False, face_min_size: int = 24,
+                 threads: int | None = None) -> dict[str, Any]:
+    """The cheap half of dedup: edges at `threshold`, connected components, one image kept per component,
+    components copying a reference dropped, then the optional NSFW and face passes, the report and
+    dedup.parquet. Reads a find_candidates output; the images themselves only for hygiene and the report."""
+    t0 = time.time()
+    _check_thresholds(threshold, reference_threshold)
+    candidates = Path(candidates)
+    if not is_complete(candidates) or read_manifest(candidates).get("stage") != CANDIDATES_STAGE:
+        raise UserError(f"not a complete {CANDIDATES_STAGE} output: {candidates}")
+    cm = read_manifest(candidates)
+    root, records = load_input(cm["input"])
+    ref_sets = [load_input(r) for r in cm["references"]]
+    refs: list[Record] = [rec for _, recs in ref_sets for rec in recs]
+    images = pq.read_table(candidates / IMAGES).to_pydict()
+    n = cm["counts"]["images"]
+    names = images["name"]
+    if [rec.path for rec in records] != names[:n] or len(refs) != len(names) - n:
+        raise UserError(f"{candidates} was computed from other images than {cm['input']} holds now: "
+                        f"rerun its candidates stage")
+    pool_pairs = _read_pairs(candidates / PAIRS)
+    ref_pairs = _read_pairs(candidates / REFERENCE_PAIRS)
+
+    keep = pool_pairs[3] >= threshold
+    edges = pool_pairs[0][keep], pool_pairs[1][keep], pool_pairs[3][keep]
+    ref_hits = None
+    if len(ref_pairs[0]):
+        keep = ref_pairs[3] >= reference_threshold
+        ref_hits = ref_pairs[0][keep], ref_pairs[1][keep], ref_pairs[3][keep]
+    width, height = np.asarray(images["width"][:n]), np.asarray(images["height"][:n])
+    dec = decide(images["pixel_sha256"][:n], width * height, images["error"][:n], edges, ref_hits)
+
+    ref_names = names[n:]
     rows = []
     for i, rec in enumerate(records):
         m = dec.matched[i]
@@ -115,9 +201,8 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
             "path": rec.path, "component": int(dec.component[i]), "keep": bool(dec.keep[i]),
             "reason": dec.reason[i], "matched": matched,
             "score": None if np.isnan(dec.score[i]) else float(dec.score[i]),
-            "group_size": int(dec.group_size[i]), "width": int(scanned.width[i]),
-            "height": int(scanned.height[i]), "pixel_sha256": scanned.pixel_hash[i],
-            "detail": scanned.detail[i] or None,
+            "group_size": int(dec.group_size[i]), "width": int(width[i]), "height": int(height[i]),
+            "pixel_sha256": images["pixel_sha256"][i], "detail": images["detail"][i],
         })
 
     hygiene: dict[str, Any] = {}
@@ -127,7 +212,8 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
         hygiene = apply_hygiene(records, rows, nsfw=nsfw, nsfw_threshold=nsfw_threshold, faces=faces,
                                 face_min_size=face_min_size, threads=threads)
 
-    shutil.rmtree(work / "builtin_features", ignore_errors=True)  # scratch; can be tens of GB
+    out = Path(out)
+    work = work_dir(out, fresh=True)
     table = pa.Table.from_pylist(rows, schema=_schema(nsfw, faces))
     pq.write_table(table, work / OUTPUT)
 
@@ -135,8 +221,9 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
 
     by_path = {rec.path: rec for rec in records}
     by_ref = dict(zip(ref_names, refs))
-    params = {"descriptor": descriptor, "threshold": threshold, "reference_threshold": reference_threshold,
-              "k": k, "candidates_per_image": k_eff}
+    params = {"descriptor": cm["params"]["descriptor"], "threshold": threshold,
+              "reference_threshold": reference_threshold, "k": cm["params"]["k"],
+              "candidates_per_image": cm["params"]["candidates_per_image"]}
     rep = write_report(work, rows, params, lambda p: _load(by_path.get(p)), lambda p: _load(by_ref.get(p)))
 
     counts: dict[str, int] = {}
@@ -147,35 +234,48 @@ def run_dedup(input: str | Path, out: str | Path, *, references: Sequence[str | 
     manifest = {
         "stage": STAGE,
         "input": str(root),
-        "references": [str(Path(p).resolve()) for p in references],
-        "params": {**params, **desc.params(), "index": index, "nsfw": nsfw, "nsfw_threshold": nsfw_threshold,
-                   "faces": faces, "face_min_size": face_min_size},
-        "index": index_info,
+        "references": cm["references"],
+        "candidates": str(candidates.resolve()),
+        "params": {**cm["params"], "threshold": threshold, "reference_threshold": reference_threshold,
+                   "nsfw": nsfw, "nsfw_threshold": nsfw_threshold, "faces": faces, "face_min_size": face_min_size},
+        "index": cm["index"],
         "counts": {
-            "images": n, "reference_images": r,
+            "images": n, "reference_images": len(refs),
             "kept": int(sum(1 for row in rows if row["keep"])),
             "removed": int(sum(1 for row in rows if not row["keep"])),
-            "copy_edges": int(len(edges_i)),
+            "copy_edges": int(len(edges[0])),
             "reference_hits": int(len(ref_hits[0])) if ref_hits else 0,
             **{f"reason: {k}": v for k, v in sorted(counts.items())},
         },
         **hygiene,
         **rep,
-        "seconds": {"describe": round(t_desc - t0, 2), "knn_verify": round(t_knn - t_desc, 2),
-                    "total": round(time.time() - t0, 2)},
+        # The candidates' own seconds (describe, knn_verify) stay in their manifest: on a rerun at another
+        # threshold they were not spent again.
+        "seconds": {"decide": round(time.time() - t0, 2)},
         "digest": file_digest(work / OUTPUT),
     }
     return publish(work, out, manifest)
 
 
-def _write_pairs(path: Path, records: list[Record], i: np.ndarray, j: np.ndarray, cos: np.ndarray,
-                 score: np.ndarray) -> None:
+def _check_thresholds(threshold: float, reference_threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0 or not 0.0 < reference_threshold <= 1.0:
+        raise UserError("thresholds must lie in (0, 1]")
+
+
+def _write_pairs(path: Path, names_a: list[str], names_b: list[str], i: np.ndarray, j: np.ndarray,
+                 cos: np.ndarray, score: np.ndarray) -> None:
     pq.write_table(pa.table({
-        "a": pa.array([records[x].path for x in i.tolist()], pa.string()),
-        "b": pa.array([records[x].path for x in j.tolist()], pa.string()),
+        "i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64()),
+        "a": pa.array([names_a[x] for x in i.tolist()], pa.string()),
+        "b": pa.array([names_b[x] for x in j.tolist()], pa.string()),
         "cosine": pa.array(cos, pa.float32()),
         "score": pa.array(score, pa.float32()),
     }), path)
+
+
+def _read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    t = pq.read_table(path, columns=["i", "j", "cosine", "score"])
+    return tuple(t.column(c).to_numpy().copy() for c in ("i", "j", "cosine", "score"))
 
 
 def _load(rec: Record | None):

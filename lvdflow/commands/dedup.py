@@ -11,7 +11,8 @@ NAME = "dedup"
 HELP = ("Copy-detection dedup (LVD-142M): exact duplicates, then copies found by a descriptor, faiss kNN, a "
         "similarity threshold and connected components; one image kept per component. --reference drops "
         "every component that copies an image of an evaluation set. Optional NSFW quarantine and face "
-        "boxes. Writes OUT/dedup.parquet and OUT/report.md with image grids.")
+        "boxes. Writes OUT/dedup.parquet and OUT/report.md with image grids; the descriptors' scored candidate "
+        "pairs go to OUT-candidates, so a rerun with other thresholds does not describe the images again.")
 
 
 def _unit(value: str) -> float:
@@ -25,6 +26,9 @@ def _unit(value: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="a folder of images, or an ingest output (folder with manifest.parquet)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
+    p.add_argument("--candidates", metavar="DIR",
+                   help="where the scored candidate pairs go, reused while input, references and descriptor "
+                        "options stay the same (default: OUT-candidates)")
     p.add_argument("--reference", nargs="+", default=[], metavar="DIR",
                    help="evaluation/query image folders or ingest outputs: pool components holding a "
                         "near-copy of any of their images are dropped")
@@ -48,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per descriptor batch (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None, help="decode/feature threads (default: one per CPU)")
     add_runner_arguments(p)
-    p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
+    p.add_argument("--refresh", action="store_true",
+                   help="rerun even if a cached result exists (the candidates too)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.weights:
         raise UserError("--weights is only used with --descriptor sscd or backbone")
     out = output_dir(args.out)
-    if out.resolve() == src.resolve() or any(out.resolve() == r.resolve() for r in refs):
-        raise UserError("--out must not be the input or a reference folder")
+    cand = output_dir(args.candidates) if args.candidates else None
+    for name, path in (("--out", out), ("--candidates", cand)):
+        if path is not None and (path.resolve() == src.resolve() or any(path.resolve() == r.resolve() for r in refs)):
+            raise UserError(f"{name} must not be the input or a reference folder")
+    if cand is not None and cand.resolve() == out.resolve():
+        raise UserError("--candidates must differ from --out")
     params = {
         "descriptor": args.descriptor, "threshold": args.threshold,
         "reference_threshold": args.reference_threshold, "k": args.k, "index": args.index, "nsfw": args.nsfw,
@@ -73,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
 
     print_result(dedup_flow(input=str(src), out=str(out), references=[str(r) for r in refs] or None,
                             weights=str(args.weights) if args.weights else None, params=params,
-                            runner=runner_config(args), refresh=["dedup"] if args.refresh else None))
+                            runner=runner_config(args), refresh=["dedup"] if args.refresh else None,
+                            candidates=str(cand) if cand else None))
     return 0
