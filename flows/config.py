@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lvdflow.errors import UserError
 
 PROFILES = Path(__file__).resolve().parents[1] / "configs"
+# The cached stage tasks, by name: what `refresh` may name (flows/caching.py versions each of them).
+STAGE_NAMES = ("demo-data", "ingest", "dedup-candidates", "dedup", "select", "embed", "retrieve", "shard",
+               "pretrain", "distill", "evaluate")
 
 
 class _Strict(BaseModel):
@@ -119,6 +122,14 @@ class PipelineConfig(_Strict):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+def check_refresh(names: list[str] | None) -> list[str]:
+    """`refresh` as a list, or a UserError naming what is not a stage (a misspelt name would rerun nothing)."""
+    unknown = sorted(set(names or ()) - set(STAGE_NAMES))
+    if unknown:
+        raise UserError(f"refresh: no stage named {', '.join(unknown)} (stages: {', '.join(STAGE_NAMES)})")
+    return list(names or ())
 
 
 def merge_overrides(base: dict, over: dict) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.config import PipelineConfig, load_profile, merge_overrides
+from flows.config import PipelineConfig, check_refresh, load_profile, merge_overrides
 from flows.dedup import dedup_flow
 from flows.demo_data import demo_data_flow
 from flows.distill import distill_flow
@@ -45,7 +45,7 @@ def _embed(manifest_dir: str, weights: str, out: Path, cfg: PipelineConfig, refr
 @flow(name="curate", log_prints=True)
 def curate(config: PipelineConfig, refresh: list[str] | None = None) -> dict:
     """Curate the pool into WebDataset shards; returns every stage's small manifest by stage name."""
-    cfg, refresh = config, list(refresh or [])
+    cfg, refresh = config, check_refresh(refresh)
     root = Path(cfg.run_dir)
     stages: dict[str, dict] = {}
     pool, queries = list(cfg.pool or []), list(cfg.queries or [])
@@ -120,7 +120,7 @@ def curate_and_pretrain(profile: str = "local", config: PipelineConfig | None = 
         cfg = PipelineConfig.model_validate(merge_overrides(config.model_dump(), overrides or {}))
     else:
         cfg = load_profile(profile, overrides)
-    refresh = list(refresh or [])
+    refresh = check_refresh(refresh)
     root = Path(cfg.run_dir)
     stages = curate(cfg, refresh)
     ev = stages.pop("_eval")

@@ -39,6 +39,7 @@ def test_help_lists_every_stage_and_explains_every_option():
     (["no-such-command"], "invalid choice"),
     (["run", "--profile", "no-such-profile"], "no profile"),
     (["run", "--override", '{"dedup": {"threshold": 7}}'], "dedup.threshold"),
+    (["run", "--refresh", "dedpu"], "no stage named dedpu"),
     (["select", "/no/such/ingest", "/tmp", "--out", "x"], "INGEST_DIR does not exist"),
     (["ingest", "/tmp", "--out", "x", "--runner", "spark"], "invalid choice"),
     (["ingest", "/tmp", "--out", "x", "--runner", "threads", "--runner-address", "tcp://h:8786"],

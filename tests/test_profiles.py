@@ -26,3 +26,13 @@ def test_overrides_merge_field_by_field_and_are_checked():
         load_profile("local", {"dedup": {"thresh": 0.5}})
     with pytest.raises(UserError, match="no profile"):
         load_profile("no-such-profile")
+
+
+def test_refresh_names_the_cached_stages_and_nothing_else():
+    from flows.caching import CODE_VERSION
+    from flows.config import STAGE_NAMES, check_refresh
+
+    assert set(STAGE_NAMES) == set(CODE_VERSION)  # every versioned stage task can be refreshed, by that name
+    assert check_refresh(["dedup", "embed"]) == ["dedup", "embed"] and check_refresh(None) == []
+    with pytest.raises(UserError, match="no stage named embd"):
+        check_refresh(["embd", "dedup"])

@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
         from flows.config import merge_overrides
 
         overrides = merge_overrides(overrides, value)
-    from flows.config import load_profile
+    from flows.config import check_refresh, load_profile
 
     load_profile(args.profile, overrides)  # validate before Prefect starts: one line per mistake
+    check_refresh(args.refresh)
     from flows.pipeline import curate_and_pretrain
 
     print_result(curate_and_pretrain(profile=args.profile, overrides=overrides, refresh=args.refresh))
