@@ -136,6 +136,15 @@ def run_ours(data: Path, out: Path, family, source, edits, threads: int) -> dict
            "seconds": round(secs, 1), "images_per_s": round(len(rows) / secs, 2),
            "stage_seconds": {**read_manifest(candidates_dir_for(out))["seconds"], **m["seconds"]},
            "recall_by_edit": per_edit_recall(labels, family, edits)}
+    # Another threshold through the stage itself: only the decision reruns, on the same candidates.
+    from curation.dedup.stage import decide_dedup
+
+    t = time.time()
+    again = decide_dedup(candidates_dir_for(out), out.with_name(out.name + "_at_0.5"), threshold=0.5,
+                         threads=threads)
+    res["rerun_at_threshold_0.5"] = {"seconds": round(time.time() - t, 1), "kept": again["counts"]["kept"],
+                                     "copy_edges": again["counts"]["copy_edges"],
+                                     "note": "decide_dedup on the candidates of the run above"}
     # threshold sweep from the scored candidate pairs (no rerun)
     pairs = pq.read_table(candidates_dir_for(out) / PAIRS).to_pylist()
     names = [r["path"] for r in rows]
