@@ -65,7 +65,7 @@ def run_dedup(input: str | Path, out: str | Path, *, candidates: str | Path | No
               threads: int | None = None, **candidate_params: Any) -> dict[str, Any]:
     """Dedup `input` into `out` (see docs/dedup.md): find_candidates into `candidates` (default
     `<out>-candidates`), then decide_dedup. `candidate_params` are find_candidates' keywords."""
-    _check_thresholds(threshold, reference_threshold)
+    _check_thresholds(threshold, reference_threshold)  # before the costly half, not after it
     cand = find_candidates(input, candidates or candidates_dir_for(out), references=references, threads=threads,
                            **candidate_params)
     return decide_dedup(cand["dir"], out, threshold=threshold, reference_threshold=reference_threshold,
@@ -163,9 +163,9 @@ def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = 
     t0 = time.time()
     _check_thresholds(threshold, reference_threshold)
     candidates = Path(candidates)
-    if not is_complete(candidates) or read_manifest(candidates).get("stage") != CANDIDATES_STAGE:
+    cm = read_manifest(candidates) if is_complete(candidates) else {}
+    if cm.get("stage") != CANDIDATES_STAGE:
         raise UserError(f"not a complete {CANDIDATES_STAGE} output: {candidates}")
-    cm = read_manifest(candidates)
     root, records = load_input(cm["input"])
     ref_sets = [load_input(r) for r in cm["references"]]
     refs: list[Record] = [rec for _, recs in ref_sets for rec in recs]
