@@ -156,6 +156,13 @@ def test_outputs_report_and_manifest(pool_result):
     assert stage["digest"]
     report = (out / "report.md").read_text()
     assert "astro.png" in report and "coffee_eval.jpg" in report
+    # The threshold sweep: this run's row is this run's counts; a higher threshold never keeps fewer images.
+    sweep = stage["threshold_sweep"]
+    this = next(r for r in sweep if r["threshold"] == 0.6)
+    assert (this["kept"], this["copy_edges"]) == (stage["counts"]["kept"], stage["counts"]["copy_edges"])
+    assert [r["threshold"] for r in sweep] == sorted(r["threshold"] for r in sweep)
+    assert all(a["kept"] <= b["kept"] and a["copy_edges"] >= b["copy_edges"] for a, b in zip(sweep, sweep[1:]))
+    assert "| 0.6 (this run) | " in report and "## Other thresholds" in report
     from PIL import Image
 
     grid = Image.open(out / "largest_groups.png")

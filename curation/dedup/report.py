@@ -46,8 +46,10 @@ def group_grid(groups: list[list[tuple[str, str]]], load: Callable[[str], Image.
 
 
 def write_report(work: Path, rows: list[dict], params: dict, load_pool: Callable[[str], Image.Image | None],
-                 load_ref: Callable[[str], Image.Image | None], *, max_groups: int = 12) -> dict:
-    """Write report.md and the PNG grids into `work`; returns counts for the stage manifest."""
+                 load_ref: Callable[[str], Image.Image | None], *, max_groups: int = 12,
+                 sweep: list[dict] | None = None) -> dict:
+    """Write report.md and the PNG grids into `work`; returns counts for the stage manifest. `sweep`: rows
+    of (threshold, copy_edges, kept) at other thresholds, shown as a table."""
     reasons = Counter(r["reason"] or "kept" for r in rows)
     members = defaultdict(list)
     for r in rows:
@@ -91,6 +93,14 @@ def write_report(work: Path, rows: list[dict], params: dict, load_pool: Callable
     ]
     lines += [f"| {k} | {v} |" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
     lines += ["", f"Components with more than one image: {sum(1 for m in members.values() if len(m) > 1)}.", ""]
+    if sweep:
+        lines += ["## Other thresholds", "",
+                  "From the same scored candidate pairs, at the same reference threshold. Rerunning at another "
+                  "threshold reuses the candidates and reruns only this decision.", "",
+                  "| threshold | copy edges | images kept |", "| ---: | ---: | ---: |"]
+        lines += [f"| {r['threshold']}{' (this run)' if r['threshold'] == params.get('threshold') else ''} "
+                  f"| {r['copy_edges']} | {r['kept']} |" for r in sweep]
+        lines.append("")
     if dup_groups:
         lines += ["## Largest duplicate groups", "",
                   "Each row of `largest_groups.png` is one group, in the order below: kept image first "

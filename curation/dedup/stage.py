@@ -43,6 +43,9 @@ PAIRS = "pairs.parquet"  # every scored candidate pool pair: also for choosing a
 REFERENCE_PAIRS = "reference_pairs.parquet"  # every scored (pool image, reference image) candidate
 DEFAULT_THRESHOLD = 0.6  # LVD-142M self-dedup
 DEFAULT_REFERENCE_THRESHOLD = 0.45  # LVD-142M relative dedup against evaluation sets (stricter removal)
+# Thresholds the report also counts (edges, images kept), from the same candidates: a cheap look before
+# rerunning the decision at another one.
+SWEEP_THRESHOLDS = (0.45, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The run_dedup keywords that only the decision reads; the rest choose the candidates.
 DECISION_PARAMS = ("threshold", "reference_threshold", "nsfw", "nsfw_threshold", "faces", "face_min_size")
 
@@ -186,6 +189,13 @@ def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = 
         ref_hits = ref_pairs[0][keep], ref_pairs[1][keep], ref_pairs[3][keep]
     width, height = np.asarray(images["width"][:n]), np.asarray(images["height"][:n])
     dec = decide(images["pixel_sha256"][:n], width * height, images["error"][:n], edges, ref_hits)
+    sweep = []
+    for t in sorted({*SWEEP_THRESHOLDS, threshold}):
+        cut = pool_pairs[3] >= t
+        d = dec if t == threshold else decide(images["pixel_sha256"][:n], width * height, images["error"][:n],
+                                                (pool_pairs[0][cut], pool_pairs[1][cut], pool_pairs[3][cut]),
+                                                ref_hits)
+        sweep.append({"threshold": t, "copy_edges": int(cut.sum()), "kept": int(d.keep.sum())})
 
     ref_names = names[n:]
     rows = []
@@ -224,7 +234,8 @@ def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = 
     params = {"descriptor": cm["params"]["descriptor"], "threshold": threshold,
               "reference_threshold": reference_threshold, "k": cm["params"]["k"],
               "candidates_per_image": cm["params"]["candidates_per_image"]}
-    rep = write_report(work, rows, params, lambda p: _load(by_path.get(p)), lambda p: _load(by_ref.get(p)))
+    rep = write_report(work, rows, params, lambda p: _load(by_path.get(p)), lambda p: _load(by_ref.get(p)),
+                       sweep=sweep)
 
     counts: dict[str, int] = {}
     for row in rows:
@@ -247,6 +258,7 @@ def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = 
             "reference_hits": int(len(ref_hits[0])) if ref_hits else 0,
             **{f"reason: {k}": v for k, v in sorted(counts.items())},
         },
+        "threshold_sweep": sweep,
         **hygiene,
         **rep,
         # The candidates' own seconds (describe, knn_verify) stay in their manifest: on a rerun at another
