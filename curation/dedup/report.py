@@ -95,8 +95,8 @@ def write_report(work: Path, rows: list[dict], params: dict, load_pool: Callable
     lines += ["", f"Components with more than one image: {sum(1 for m in members.values() if len(m) > 1)}.", ""]
     if sweep:
         lines += ["## Other thresholds", "",
-                  "From the same scored candidate pairs, at the same reference threshold. Rerunning at another "
-                  "threshold reuses the candidates and reruns only this decision.", "",
+                  "From the same scored candidate pairs, at the same reference threshold, before the NSFW pass. "
+                  "Rerunning at another threshold reuses the candidates and reruns only this decision.", "",
                   "| threshold | copy edges | images kept |", "| ---: | ---: | ---: |"]
         lines += [f"| {r['threshold']}{' (this run)' if r['threshold'] == params.get('threshold') else ''} "
                   f"| {r['copy_edges']} | {r['kept']} |" for r in sweep]

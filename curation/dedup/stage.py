@@ -188,13 +188,13 @@ def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = 
         keep = ref_pairs[3] >= reference_threshold
         ref_hits = ref_pairs[0][keep], ref_pairs[1][keep], ref_pairs[3][keep]
     width, height = np.asarray(images["width"][:n]), np.asarray(images["height"][:n])
-    dec = decide(images["pixel_sha256"][:n], width * height, images["error"][:n], edges, ref_hits)
-    sweep = []
+    hashes, area, errors = images["pixel_sha256"][:n], width * height, images["error"][:n]
+    dec = decide(hashes, area, errors, edges, ref_hits)
+    sweep = []  # kept by dedup at each threshold, before the NSFW pass
     for t in sorted({*SWEEP_THRESHOLDS, threshold}):
         cut = pool_pairs[3] >= t
-        d = dec if t == threshold else decide(images["pixel_sha256"][:n], width * height, images["error"][:n],
-                                                (pool_pairs[0][cut], pool_pairs[1][cut], pool_pairs[3][cut]),
-                                                ref_hits)
+        at_t = pool_pairs[0][cut], pool_pairs[1][cut], pool_pairs[3][cut]
+        d = dec if t == threshold else decide(hashes, area, errors, at_t, ref_hits)
         sweep.append({"threshold": t, "copy_edges": int(cut.sum()), "kept": int(d.keep.sum())})
 
     ref_names = names[n:]
