@@ -123,7 +123,7 @@ def components_from_pairs(names: list[str], pairs: list[tuple[str, str]]) -> dic
 def run_ours(data: Path, out: Path, family, source, edits, threads: int) -> dict:
     import pyarrow.parquet as pq
 
-    from curation.dedup.stage import PAIRS, candidates_dir_for, run_dedup
+    from curation.dedup.stage import PAIRS, candidates_dir_for, decide_dedup, run_dedup
     from lvdflow.stage import read_manifest
 
     t = time.time()
@@ -137,8 +137,6 @@ def run_ours(data: Path, out: Path, family, source, edits, threads: int) -> dict
            "stage_seconds": {**read_manifest(candidates_dir_for(out))["seconds"], **m["seconds"]},
            "recall_by_edit": per_edit_recall(labels, family, edits)}
     # Another threshold through the stage itself: only the decision reruns, on the same candidates.
-    from curation.dedup.stage import decide_dedup
-
     t = time.time()
     again = decide_dedup(candidates_dir_for(out), out.with_name(out.name + "_at_0.5"), threshold=0.5,
                          threads=threads)
