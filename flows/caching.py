@@ -18,13 +18,13 @@ from typing import Any, Callable
 from prefect.context import TaskRunContext
 
 from lvdflow.errors import UserError
-from lvdflow.stage import is_complete, read_manifest
+from lvdflow.stage import fingerprint, is_complete
 
 # Bump a stage's version when its library code changes what it writes.
 CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
     "ingest": "1",
-    "dedup-candidates": "1",
+    "dedup-candidates": "2",  # 2: input fingerprints in the manifest, checked by the decision
     "dedup": "3",  # 2: built-in descriptor, two keypoint scales; 3: the decision alone, candidates apart
     "select": "1",
     "embed": "3",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged)
@@ -51,41 +51,6 @@ STAGE_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 20], 
 
 # Parameters that choose where a stage runs, not what it writes: changing them must not miss the cache.
 NOT_IDENTITY = {"runner"}
-
-# Files above this size are fingerprinted by (size, mtime) instead of hashed: a multi-GB tar shard is
-# re-read only when it changes on disk.
-_HASH_LIMIT = 64 << 20
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """Content fingerprint of an input path."""
-    p = Path(path)
-    if p.is_dir() and is_complete(p):
-        m = read_manifest(p)
-        if "digest" in m:
-            return "stage:" + m["digest"]
-    h = hashlib.sha256()
-    if p.is_file():
-        st = p.stat()
-        if st.st_size <= _HASH_LIMIT:
-            h.update(p.read_bytes())
-        else:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        return "file:" + h.hexdigest()
-    if p.is_dir():
-        # A listing, not the bytes: a raw image folder can hold millions of files.
-        for root, dirs, files in os.walk(p):
-            dirs.sort()
-            for name in sorted(files):
-                fp = Path(root) / name
-                try:
-                    st = fp.lstat()
-                except OSError:
-                    continue
-                h.update(f"{fp.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return "dir:" + h.hexdigest()
-    return "missing:" + str(p)
-
 
 def _normalise(name: str, value: Any) -> Any:
     if name == "out":

@@ -103,3 +103,40 @@ def dir_digest(path: Path, *, skip: Iterable[str] = (SUCCESS, MANIFEST)) -> str:
             h.update(b"\0")
             h.update(file_digest(p).encode())
     return h.hexdigest()
+
+
+# Files above this size are fingerprinted by (size, mtime) instead of hashed: a multi-GB tar shard is
+# re-read only when it changes on disk.
+_HASH_LIMIT = 64 << 20
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Content fingerprint of an input path: a published stage's digest, a small file's hash (a large file's
+    size and mtime), or a folder's listing with sizes and mtimes. Used by the flows' cache keys and by
+    stages that reuse an earlier stage's work on the same input (dedup's candidates)."""
+    p = Path(path)
+    if p.is_dir() and is_complete(p):
+        m = read_manifest(p)
+        if "digest" in m:
+            return "stage:" + m["digest"]
+    h = hashlib.sha256()
+    if p.is_file():
+        st = p.stat()
+        if st.st_size <= _HASH_LIMIT:
+            h.update(p.read_bytes())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return "file:" + h.hexdigest()
+    if p.is_dir():
+        # A listing, not the bytes: a raw image folder can hold millions of files.
+        for root, dirs, files in os.walk(p):
+            dirs.sort()
+            for name in sorted(files):
+                fp = Path(root) / name
+                try:
+                    st = fp.lstat()
+                except OSError:
+                    continue
+                h.update(f"{fp.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "dir:" + h.hexdigest()
+    return "missing:" + str(p)

@@ -200,6 +200,8 @@ def test_other_thresholds_reuse_the_candidates_and_equal_a_run_from_scratch(pool
 
 
 def test_candidates_of_other_images_are_refused(pool_result, tmp_path):
+    """Candidates are reused only on the images they were computed from: an image removed, or replaced
+    under the same name, in the pool or in a reference set, makes the decision refuse them."""
     import shutil
 
     from curation.dedup.stage import candidates_dir_for, decide_dedup, find_candidates
@@ -208,14 +210,24 @@ def test_candidates_of_other_images_are_refused(pool_result, tmp_path):
     tmp, fam, m, rows = pool_result
     with pytest.raises(UserError, match="not a complete dedup-candidates output"):
         decide_dedup(tmp / "out", tmp_path / "o")  # a dedup output, not its candidates
-    pool = tmp_path / "pool"
+    pool, ref = tmp_path / "pool", tmp_path / "ref"
     shutil.copytree(tmp / "pool", pool)
-    cand = find_candidates(pool, candidates_dir_for(tmp_path / "o"), threads=2)
+    shutil.copytree(tmp / "ref", ref)
+    cand = find_candidates(pool, candidates_dir_for(tmp_path / "o"), references=[ref], threads=2)
     assert cand["counts"]["images"] == len(rows)
-    (pool / "rocket.png").unlink()  # the input changed after its candidates were found
-    with pytest.raises(UserError, match="other images"):
-        decide_dedup(cand["dir"], tmp_path / "o")
-    assert not (tmp_path / "o").exists()
+    assert decide_dedup(cand["dir"], tmp_path / "o", threads=2)["counts"] == m["counts"]  # unchanged: reused
+
+    (ref / "coffee_eval.jpg").write_bytes((pool / "coffee.png").read_bytes())  # same name, other image
+    with pytest.raises(UserError, match=f"the images in {ref} changed since"):
+        decide_dedup(cand["dir"], tmp_path / "o2")
+    shutil.copy2(tmp / "ref" / "coffee_eval.jpg", ref)  # the same bytes and mtime back: the reference as it was
+    (pool / "rocket.png").write_bytes((pool / "cat.png").read_bytes())  # the names alone did not change
+    with pytest.raises(UserError, match=f"the images in {pool} changed since"):
+        decide_dedup(cand["dir"], tmp_path / "o2")
+    (pool / "rocket.png").unlink()
+    with pytest.raises(UserError, match="rerun its candidates stage"):
+        decide_dedup(cand["dir"], tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_bad_inputs_are_user_errors(tmp_path):

@@ -30,7 +30,7 @@ from curation.dedup.scan import scan
 from curation.dedup.selection import decide
 from lvdflow.errors import UserError
 from lvdflow.parts import MapUnits
-from lvdflow.stage import dir_digest, file_digest, is_complete, publish, read_manifest, work_dir
+from lvdflow.stage import dir_digest, file_digest, fingerprint, is_complete, publish, read_manifest, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def find_candidates(input: str | Path, out: str | Path, *, references: Sequence[
     ref_sets = [load_input(r) for r in references]
     refs: list[Record] = [rec for _, recs in ref_sets for rec in recs]
     ref_names = [str(Path(rroot) / rec.path) for rroot, recs in ref_sets for rec in recs]
+    # Taken before the images are read, so that a change made while they are described is seen too.
+    fingerprints = _fingerprints(root, references)
     # A factory, not just an instance: with `map_units` each worker builds its own descriptor.
     factory = partial(make_descriptor, descriptor, weights, device=device, batch_size=batch_size, threads=threads)
     desc = factory()
@@ -144,6 +146,7 @@ def find_candidates(input: str | Path, out: str | Path, *, references: Sequence[
         "stage": CANDIDATES_STAGE,
         "input": str(root),
         "references": [str(Path(p).resolve()) for p in references],
+        "input_fingerprints": fingerprints,
         "params": {"descriptor": descriptor, "k": k, "candidates_per_image": k_eff, "index": index,
                    **desc.params()},
         "index": index_info,
@@ -169,15 +172,20 @@ def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = 
     cm = read_manifest(candidates) if is_complete(candidates) else {}
     if cm.get("stage") != CANDIDATES_STAGE:
         raise UserError(f"not a complete {CANDIDATES_STAGE} output: {candidates}")
+    if "input_fingerprints" not in cm:
+        raise UserError(f"{candidates} records no fingerprint of its input (an older version): rerun its "
+                        f"candidates stage")
+    changed = [p for p, was, now in zip([cm["input"], *cm["references"]], cm["input_fingerprints"],
+                                        _fingerprints(cm["input"], cm["references"])) if was != now]
+    if changed:
+        raise UserError(f"the images in {', '.join(changed)} changed since {candidates} was computed from them: "
+                        f"rerun its candidates stage")
     root, records = load_input(cm["input"])
     ref_sets = [load_input(r) for r in cm["references"]]
     refs: list[Record] = [rec for _, recs in ref_sets for rec in recs]
     images = pq.read_table(candidates / IMAGES).to_pydict()
     n = cm["counts"]["images"]
     names = images["name"]
-    if [rec.path for rec in records] != names[:n] or len(refs) != len(names) - n:
-        raise UserError(f"{candidates} was computed from other images than {cm['input']} holds now: "
-                        f"rerun its candidates stage")
     pool_pairs = _read_pairs(candidates / PAIRS)
     ref_pairs = _read_pairs(candidates / REFERENCE_PAIRS)
 
@@ -267,6 +275,13 @@ def decide_dedup(candidates: str | Path, out: str | Path, *, threshold: float = 
         "digest": file_digest(work / OUTPUT),
     }
     return publish(work, out, manifest)
+
+
+def _fingerprints(input: str | Path, references: Sequence[str | Path]) -> list[str]:
+    """What the candidates were computed from: the input's and each reference's content fingerprint (a
+    published stage's digest, or a folder's listing with sizes and mtimes), so that decide_dedup refuses
+    candidates of images that were replaced, added or removed since, even under the same names."""
+    return [fingerprint(p) for p in [input, *references]]
 
 
 def _check_thresholds(threshold: float, reference_threshold: float) -> None:
