@@ -180,3 +180,17 @@ def test_refuses_pickled_code(tmp_path):
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"cls_token": _Evil()}))
     with pytest.raises(UserError, match="weights_only"):
         load_backbone(tmp_path / "evil.pth")
+    torch.save({"cls_token": _Evil()}, tmp_path / "evil_zip.pth")  # torch's own format, same payload
+    with pytest.raises(UserError, match="weights_only") as err:
+        load_backbone(tmp_path / "evil_zip.pth")
+    assert "it holds Python objects, not only tensors (Unsupported global" in str(err.value)
+    assert "\n" not in str(err.value) and "add_safe_globals" not in str(err.value)  # the cause, not the advice
+
+
+@pytest.mark.parametrize("content, cause", [(b"# a README\n", "not a PyTorch checkpoint"),
+                                            (b"", "empty or truncated file")])
+def test_unreadable_checkpoint_names_its_cause_on_one_line(tmp_path, content, cause):
+    (tmp_path / "x.pth").write_bytes(content)
+    with pytest.raises(UserError, match=cause) as err:
+        load_backbone(tmp_path / "x.pth")
+    assert "\n" not in str(err.value)

@@ -55,10 +55,23 @@ def _read_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(
-            f"cannot read checkpoint {path} with torch.load(weights_only=True): {exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+        raise UserError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {_why(exc)}") from exc
+
+
+def _why(exc: Exception) -> str:
+    """The cause in torch.load's error, on one line: its own message is a paragraph of advice on
+    weights_only=False (which this loader never uses: a checkpoint must hold tensors, not code), with the
+    actual reason after 'WeightsUnpickler error:'."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+        reason = reason.split(". Please use")[0]  # drop the advice to allowlist the global
+        what = ("it holds Python objects, not only tensors" if "global" in reason.lower()
+                else "not a PyTorch checkpoint")
+        return f"{what} ({reason})"
+    if isinstance(exc, EOFError) or not text:
+        return f"empty or truncated file ({exc.__class__.__name__})"
+    return f"{exc.__class__.__name__}: {text[:300]}"
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
