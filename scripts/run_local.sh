@@ -26,7 +26,7 @@ quiet() {
 if ! prefect server status >/dev/null 2>&1; then
   echo "starting the Prefect server on 127.0.0.1:${PORT} (about 20 s on a fresh database; log: $PREFECT_HOME/server.log)"
   # Not `prefect server start --background`: that leaves the server writing its output into pipes that
-  # nobody reads once the CLI has exited, and the first lines it writes then kill it (Prefect 3.9.1: the
+  # nobody reads once the CLI has exited, so a later write can kill it (Prefect 3.9.1: the
   # server died 15 minutes into a demo run). A detached foreground server with its own log instead; the
   # pid file is where `prefect server stop` (`make stop`) looks for it.
   setsid nohup prefect server start --host 127.0.0.1 --port "$PORT" >"$PREFECT_HOME/server.log" 2>&1 </dev/null &
