@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -157,18 +157,23 @@ def test_config_profiles_and_errors(tmp_path):
         assert load_config(profile_path(name)).total_iters > 0
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """One FSDP2 run under torchrun: one node, 2 processes (gloo), 3 iterations; the tests below copy it
+    before changing it. Shared because each launch costs ~30 s of interpreters importing torch."""
+    from pretrain.launch import Launch, torchrun_module
+
+    out = tmp_path_factory.mktemp("fsdp2") / "run"
+    torchrun_module("tests.pretrain_torchrun_worker", [str(out), "3"], Launch(nproc=2), on_output=lambda line: None)
+    return out
+
+
 @pytest.mark.slow
-def test_fsdp2_two_cpu_processes_then_resume_in_one(tmp_path):
+def test_fsdp2_two_cpu_processes_then_resume_in_one(two_processes, tmp_path):
     """torchrun, 2 processes, gloo: the student is sharded, training runs, and its DCP checkpoint resumes
     in a single process (a different world size)."""
     out = tmp_path / "run"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    worker = Path(__file__).with_name("pretrain_torchrun_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                           "--master-port", str(free_port()), str(worker), str(out), "3"],
-                          capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(two_processes, out)
     s = json.loads((out / "worker.json").read_text())
     assert s["world_size"] == 2 and s["iterations_done"] == 3
     assert s["student_params_local"] < 0.6 * s["student_params_total"]  # about half per rank
@@ -179,7 +184,7 @@ def test_fsdp2_two_cpu_processes_then_resume_in_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nodes_at_a_rendezvous_train_as_one_node_with_two_processes(tmp_path):
+def test_two_nodes_at_a_rendezvous_train_as_one_node_with_two_processes(two_processes, tmp_path):
     """Multi-node launch (pretrain.launch): two torchrun agents, one process each, meet at a c10d rendezvous
     as two nodes would (here both on this machine, sharing the run directory as nodes share storage), and
     train FSDP2 exactly as one node with two processes does: same losses bit for bit, one DCP shard each."""
@@ -191,13 +196,12 @@ def test_two_nodes_at_a_rendezvous_train_as_one_node_with_two_processes(tmp_path
     nodes = Launch(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="two-nodes")
     with ThreadPoolExecutor(2) as pool:  # both agents at once: each waits at the rendezvous for the other
         list(pool.map(lambda _: launch(tmp_path / "nodes", nodes), range(2)))  # list(): a node's error is raised
-    launch(tmp_path / "one", Launch(nproc=2))
 
     summary = json.loads((tmp_path / "nodes" / "worker.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations_done"] == 3
     assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (tmp_path / "nodes" / "checkpoints" / "it_00000003").iterdir()}
     assert len(_losses(tmp_path / "nodes")) == 3
-    assert _losses(tmp_path / "nodes") == _losses(tmp_path / "one")
+    assert _losses(tmp_path / "nodes") == _losses(two_processes)
 
 
 @pytest.mark.cuda
