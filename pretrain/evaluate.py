@@ -20,19 +20,36 @@ from torchvision.transforms import v2
 
 from lvdflow.errors import UserError
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.data import data_workers
 
 KNN_KS = (10, 20)
 KNN_TEMPERATURE = 0.07
 
 
 def eval_transform(image_size: int, resize_ratio: float = 256 / 224) -> v2.Compose:
-    """Resize the short side to image_size * 256/224, centre-crop image_size (the DINO eval transform)."""
+    """Resize the short side to image_size * 256/224, centre-crop image_size (the DINO eval transform).
+
+    Stops at uint8: `extract_features` normalises whole batches on the model's device, which costs one op
+    per batch instead of two transforms per image (1.03 -> 0.61 ms an image on one CPU core for 28 px
+    Fashion-MNIST images, where dispatch is the cost) and moves a quarter of the bytes to a GPU."""
     return v2.Compose([
         v2.ToImage(), v2.RGB(),
         v2.Resize(int(round(image_size * resize_ratio)), interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+class _Normalise:
+    """uint8 (B, 3, H, W) -> float32 ImageNet-normalised, as (x / 255 - mean) / std = x * scale + shift."""
+
+    def __init__(self, device: torch.device) -> None:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = (1.0 / (255.0 * std)).to(device)
+        self.shift = (-mean / std).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.to(torch.float32), self.scale)
 
 
 def image_folder(root: str | Path, image_size: int):
@@ -51,14 +68,20 @@ def image_folder(root: str | Path, image_size: int):
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu",
                      with_patch_mean: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 (N, D) or (N, 2D), labels int64 (N,)). CLS features are L2-normalised."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    """(features float32 (N, D) or (N, 2D), labels int64 (N,)) of a dataset of uint8 images (`image_folder`).
+    CLS features are L2-normalised. On a GPU, worker processes decode and resize while the model runs."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    workers = data_workers(-1) if on_gpu else 0  # the trainer's policy: this rank's CPUs less one
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=on_gpu, persistent_workers=False)
     backbone = backbone.to(device).eval()
+    normalise = _Normalise(device)
     feats, labels = [], []
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else _nullcontext()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else _nullcontext()
     for x, y in loader:
         with amp:
-            out = backbone.forward_features(x.to(device))
+            out = backbone.forward_features(normalise(x.to(device, non_blocking=True)))
         cls = F.normalize(out["x_norm_clstoken"].float(), dim=-1)
         if with_patch_mean:
             cls = torch.cat([cls, out["x_norm_patchtokens"].float().mean(1)], dim=-1)

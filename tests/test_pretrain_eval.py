@@ -107,3 +107,30 @@ def test_lvdflow_eval_cli_prints_json(tmp_path, folders, capsys):
     assert out["eval"] == "knn" and "knn_top1_k20" in out and out["checkpoint"] == str(path)
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "x.pth"), "--train", str(folders[0]),
                  "--test", str(folders[1])]) == 2
+
+
+def test_features_see_the_dino_eval_transform_normalised_per_batch():
+    """The loader stops at uint8 and the batch is normalised on the device: the backbone must receive what
+    torchvision's full per-image transform (resize, crop, scale, ImageNet normalisation) gives."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, v2
+
+    from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
+    from pretrain.evaluate import eval_transform, extract_features
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 30), (28, 28))]
+    reference = v2.Compose([v2.ToImage(), v2.Resize(18, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                            v2.CenterCrop(16), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward_features(self, x):
+            seen.append(x)
+            return {"x_norm_clstoken": x.flatten(1)}
+
+    dataset = [(eval_transform(16)(im), 0) for im in images]
+    assert dataset[0][0].dtype == torch.uint8
+    extract_features(Probe(), dataset, batch_size=2)
+    torch.testing.assert_close(seen[0], torch.stack([reference(im) for im in images]), rtol=0, atol=1e-5)

@@ -189,7 +189,8 @@ def test_retrieve_on_dask_equals_the_single_process_run(dask_address, tmp_path):
 
 def test_dask_workers_report_to_an_ephemeral_server(manifest, tmp_path):
     """Without a server, the flow runs on an ephemeral one; local workers must report there instead of
-    starting temporary servers of their own."""
+    starting temporary servers of their own. One worker shows it (a second would only add an interpreter
+    importing Prefect)."""
     import os
     import subprocess
     import sys
@@ -197,7 +198,7 @@ def test_dask_workers_report_to_an_ephemeral_server(manifest, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
     proc = subprocess.run([sys.executable, "-m", "lvdflow.cli", "shard", str(manifest), "--out", str(tmp_path / "s"),
-                           "--max-count", "20", "--runner", "dask", "--runner-workers", "2"],
+                           "--max-count", "20", "--runner", "dask", "--runner-workers", "1"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
