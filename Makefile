@@ -11,8 +11,9 @@ demo: setup
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures stay shared): most of the suite
 # waits on Prefect servers, subprocesses and rendezvous rather than computing, so two workers on 2 cores
-# take ~30% less wall time than one. `make test PYTEST_ARGS=-q` runs it in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# take ~30% less wall time than one; files go out slowest first (tests/conftest.py says why).
+# `make test PYTEST_ARGS=-q` runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
