@@ -23,9 +23,7 @@ from torch.utils.data._utils.collate import default_collate
 from torchvision.transforms import InterpolationMode, v2
 
 from curation.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, read_record_bytes
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pretrain.normalise import IMAGENET_MEAN, IMAGENET_STD, BatchNormalise  # noqa: F401 (re-exported)
 
 
 def resize_size(crop: int) -> int:
@@ -79,13 +77,7 @@ class DeviceTransform:
         self.device = device
         self.resize_on_device = resize_on_device
         self.resize_crop = resize_crop(crop)
-        # (x / 255 - mean) / std as x * scale + shift, with both held on the device: v2.Normalize turns its
-        # Python lists into tensors on every call, a blocking host-to-device copy that made the loop wait for
-        # the GPU to drain once per batch (H100 profile, bench/profile_embed_e2e.py).
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-        self.scale = (1.0 / (255.0 * std)).to(device)
-        self.shift = (-mean / std).to(device)
+        self.normalise = BatchNormalise(device)
 
     def __call__(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
@@ -94,7 +86,7 @@ class DeviceTransform:
                 batch = self.resize_crop(batch)
         else:
             batch = torch.stack([self.resize_crop(im.to(self.device, non_blocking=True)) for im in images])
-        return torch.addcmul(self.shift, batch.to(torch.float32), self.scale)
+        return self.normalise(batch)
 
 
 class ManifestImages(Dataset):

@@ -22,8 +22,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pretrain.normalise import IMAGENET_MEAN, IMAGENET_STD
 
 BLUR_PROBABILITIES = {
     "paper": {"global1": 1.0, "global2": 0.1, "local": 0.5},

@@ -19,8 +19,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from lvdflow.errors import UserError
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data import data_workers
+from pretrain.normalise import BatchNormalise
 
 KNN_KS = (10, 20)
 KNN_TEMPERATURE = 0.07
@@ -37,19 +37,6 @@ def eval_transform(image_size: int, resize_ratio: float = 256 / 224) -> v2.Compo
         v2.Resize(int(round(image_size * resize_ratio)), interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(image_size),
     ])
-
-
-class _Normalise:
-    """uint8 (B, 3, H, W) -> float32 ImageNet-normalised, as (x / 255 - mean) / std = x * scale + shift."""
-
-    def __init__(self, device: torch.device) -> None:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-        self.scale = (1.0 / (255.0 * std)).to(device)
-        self.shift = (-mean / std).to(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x.to(torch.float32), self.scale)
 
 
 def image_folder(root: str | Path, image_size: int):
@@ -76,7 +63,7 @@ def extract_features(backbone: torch.nn.Module, dataset, batch_size: int = 256, 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=on_gpu, persistent_workers=False)
     backbone = backbone.to(device).eval()
-    normalise = _Normalise(device)
+    normalise = BatchNormalise(device)
     feats, labels = [], []
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else _nullcontext()
     for x, y in loader:
