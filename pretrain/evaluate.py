@@ -61,7 +61,7 @@ def extract_features(backbone: torch.nn.Module, dataset, batch_size: int = 256, 
     on_gpu = device.type == "cuda"
     workers = data_workers(-1) if on_gpu else 0  # the trainer's policy: this rank's CPUs less one
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=on_gpu, persistent_workers=False)
+                                         pin_memory=on_gpu)
     backbone = backbone.to(device).eval()
     normalise = BatchNormalise(device)
     feats, labels = [], []
