@@ -11,7 +11,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-# The slowest test files, slowest first (seconds each in `make test` on 2 cores, 2026-12-02). `make test`
+# The slowest test files, slowest first (`--durations=0` of `make test` on 2 cores, 2026-12-02). `make test`
 # runs files on two xdist workers (`--dist loadfile --no-loadscope-reorder`), handing them out in collection
 # order; by default xdist would order files by their number of tests, which put these one- and two-test
 # files last and left one worker idle for the last ~80 s. Longest first is the classic fix. A file missing
