@@ -31,6 +31,7 @@ from pretrain.config import TrainConfig
 from pretrain.distributed import all_reduce_sum, is_dist, rank, world_size
 from pretrain.meta_arch import TrainingDiverged
 from pretrain.metrics_log import MetricsLog, plot_curves
+from pretrain.normalise import normalise_crops
 from pretrain.param_groups import apply_schedules
 from pretrain.schedules import build_schedules, scaled_lr
 
@@ -76,8 +77,9 @@ class PendingMetrics:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on `device`. To a GPU through pinned memory: a copy from pageable memory makes
-    the host wait for the device to finish all queued work first, i.e. the previous step."""
+    """The batch's tensors on `device`, its uint8 crops normalised there (`normalise_crops`). To a GPU through
+    pinned memory: a copy from pageable memory makes the host wait for the device to finish all queued work
+    first, i.e. the previous step."""
     def move(v):
         if not isinstance(v, torch.Tensor):
             return v
@@ -85,7 +87,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
             v = v.pin_memory()
         return v.to(device, non_blocking=True)
 
-    return {k: move(v) for k, v in batch.items()}
+    return normalise_crops({k: move(v) for k, v in batch.items()})
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:

@@ -18,6 +18,7 @@ from torch import nn
 from pretrain.heads import build_heads
 from pretrain.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from pretrain.losses.centering import compile_loss_kernels
+from pretrain.normalise import require_normalised
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,7 +121,9 @@ class SSLMetaArch(nn.Module):
 
     # ---- one step -----------------------------------------------------------------------------------
     def forward(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss (to backpropagate) and detached metrics for a collated batch (see masking.collate_crops)."""
+        """Total loss (to backpropagate) and detached metrics for a collated batch (see masking.collate_crops),
+        its crops normalised (see normalise.normalise_crops)."""
+        require_normalised(batch)
         g = batch["global_crops"]
         loc = batch.get("local_crops")
         use_ibot = self.ibot_weight > 0

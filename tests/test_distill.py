@@ -17,7 +17,7 @@ from pretrain.distill.config import DistillConfig, load_distill_config
 from pretrain.distill.meta_arch import unmasked_ibot_batch
 from pretrain.distill.teacher import load_teacher
 from pretrain.distill.train import build_distill, distill
-from pretrain.loop import lr_and_schedules, optimizer_step
+from pretrain.loop import lr_and_schedules, optimizer_step, to_device
 from pretrain.metrics_log import read_metrics
 from pretrain.models.checkpoint import export_official, load_backbone
 from pretrain.train import build_augmentation, train
@@ -60,7 +60,7 @@ def _steps(cfg, teacher_run, n):
     import contextlib
 
     for it in range(n):
-        batch = stream.next_batch(it, aug, cfg.patch_size)
+        batch = to_device(stream.next_batch(it, aug, cfg.patch_size), torch.device("cpu"))
         if not cfg.masking:
             batch = unmasked_ibot_batch(batch, cfg.patch_size)
         history.append(optimizer_step(meta, opt, batch, sched.at(it), it, cfg=cfg, last_layer=last_layer,

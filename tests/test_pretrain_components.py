@@ -92,7 +92,34 @@ def test_multicrop_shapes_from_grayscale_input():
     out = aug(_img())
     assert [t.shape for t in out["global_crops"]] == [(3, 32, 32)] * 2
     assert [t.shape for t in out["local_crops"]] == [(3, 16, 16)] * 3
-    assert out["global_crops"][0].dtype == torch.float32
+    assert all(t.dtype == torch.uint8 for t in out["global_crops"] + out["local_crops"])  # normalised on the device
+
+
+def test_training_crops_are_normalised_on_the_device_as_torchvision_would():
+    """Workers send uint8 crops and `to_device` normalises the batch where the model runs: the model must
+    receive what the per-crop float conversion and ImageNet normalisation would have given, and a model
+    handed raw crops must say so."""
+    from torchvision.transforms import v2
+
+    from pretrain.data import make_batch
+    from pretrain.loop import to_device
+    from pretrain.normalise import IMAGENET_MEAN, IMAGENET_STD, require_normalised
+
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=32, local_crops_size=16)
+    raw = make_batch([_img(), _img()], seed=5, augmentation=aug, patch_size=8, mask_probability=0.5,
+                     mask_ratio=(0.1, 0.5))
+    assert raw["global_crops"].dtype == raw["local_crops"].dtype == torch.uint8
+    with pytest.raises(TypeError, match="normalise the crops first"):
+        require_normalised(raw)
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    moved = to_device(raw, torch.device("cpu"))
+    require_normalised(moved)
+    for key in ("global_crops", "local_crops"):
+        assert moved[key].dtype == torch.float32
+        torch.testing.assert_close(moved[key], torch.stack([reference(c) for c in raw[key]]), rtol=0, atol=1e-6)
+    assert torch.equal(moved["masks"], raw["masks"])
+    assert torch.equal(raw["global_crops"], make_batch([_img(), _img()], seed=5, augmentation=aug, patch_size=8,
+                                                       mask_probability=0.5, mask_ratio=(0.1, 0.5))["global_crops"])
 
 
 def _blur_p(compose):

@@ -115,7 +115,7 @@ def test_features_see_the_dino_eval_transform_normalised_per_batch():
     from PIL import Image
     from torchvision.transforms import InterpolationMode, v2
 
-    from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
+    from pretrain.normalise import IMAGENET_MEAN, IMAGENET_STD
     from pretrain.evaluate import eval_transform, extract_features
 
     rng = np.random.default_rng(0)

@@ -24,6 +24,7 @@ from pretrain.distill.teacher import freeze
 from pretrain.heads import DINOHead
 from pretrain.losses import DINOLoss, IBOTPatchLoss
 from pretrain.meta_arch import SSLMetaArch, _reshard
+from pretrain.normalise import require_normalised
 
 
 def head_shape(head: DINOHead) -> dict:
@@ -148,6 +149,7 @@ class DistillMetaArch(nn.Module):
 
     def forward(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict]:
         """Sum of the students' losses (independent graphs: one backward trains each on its own loss)."""
+        require_normalised(batch)
         targets, features = self.teacher_targets(batch, teacher_temp)
         total, metrics = None, {}
         for name, student in self.students.items():
