@@ -111,7 +111,10 @@ class _Pool:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self.ex is None:
-            # forkserver: safe when the caller (a Prefect flow) already runs threads, cheaper than spawn.
+            # forkserver: safe when the caller (a Prefect flow) already runs threads. On Python 3.11 it is
+            # no cheaper than spawn: its preload of __main__ reads a key the parent never sends, so each
+            # worker imports the parent's main module itself (~8 s when that is a flow run's, which imports
+            # Prefect; a pool's first batch waits for it, later batches do not).
             self.ex = ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("forkserver"))
         return self.ex
 
