@@ -111,23 +111,22 @@ def lr_and_schedules(cfg: TrainConfig, global_batch: int):
         warmup_teacher_temp_iters=cfg.warmup_teacher_temp_iters, freeze_last_layer_iters=cfg.freeze_last_layer_iters)
 
 
-def optimizer_step(model, optimizer, batch: dict, s: dict, it: int, *, cfg: TrainConfig, last_layer: list,
-                   clip_modules: list, autocast, update_ema: Callable[[float], None]) -> dict:
-    """One iteration's update: schedules -> forward -> backward -> frozen prototypes -> clipping -> step -> EMA.
+def optimizer_step(model, optimizer, batch: dict, s: dict, *, cfg: TrainConfig, clip_modules: list,
+                   autocast, update_ema: Callable[[float], None]) -> dict:
+    """One iteration's update: schedules -> forward -> backward -> clipping -> step -> EMA.
 
     `model(batch, teacher_temp)` returns (loss, metrics). Gradients are clipped per module of
-    `clip_modules` (DINOv2 clips per submodule). Returns the metrics."""
+    `clip_modules` (DINOv2 clips per submodule). Returns the metrics.
+
+    The prototypes are frozen for the first `freeze_last_layer_iters` by their learning rate alone (the
+    schedule's `last_layer_lr` is 0, as in DINOv2), not by zeroing their gradients (DINOv1's way): AdamW
+    counts the steps it is given, so zero gradients would leave its second moment near 0 at the unfreeze
+    and its first updates several times too large."""
     apply_schedules(optimizer, lr=s["lr"], last_layer_lr=s["last_layer_lr"], wd=s["wd"])
     with autocast:
         loss, metrics = model(batch, s["teacher_temp"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if it < cfg.freeze_last_layer_iters:
-        # Official DINO cancels the prototypes' gradients early on; zeros (not None) keep the optimizer
-        # state complete, so a checkpoint taken while frozen has every parameter's state.
-        for p in last_layer:
-            if p.grad is not None:
-                p.grad.zero_()
     if cfg.clip_grad:
         for module in clip_modules:
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad)
@@ -177,7 +176,6 @@ class LoopSpec:
     sched: Any  # schedules.at(it) -> {lr, last_layer_lr, wd, momentum, teacher_temp}
     stream: Any  # data.BatchStream
     clip_modules: list  # gradient clipping, per module, in this order
-    last_layer: list  # the prototypes' parameters, whose gradients are zeroed while frozen
     update_ema: Callable[[float], None]
     # Collective: writes an export under the given folder; rank 0 gets {metric prefix: backbone} to evaluate.
     export: Callable[[Path, int], dict]
@@ -238,7 +236,7 @@ def run_loop(cfg: TrainConfig, out: Path, spec: LoopSpec, *, device: torch.devic
             if spec.prepare_batch is not None:
                 batch = spec.prepare_batch(batch)
             s = spec.sched.at(it)
-            metrics = optimizer_step(spec.model, spec.optimizer, batch, s, it, cfg=cfg, last_layer=spec.last_layer,
+            metrics = optimizer_step(spec.model, spec.optimizer, batch, s, cfg=cfg,
                                      clip_modules=spec.clip_modules, autocast=autocast, update_ema=spec.update_ema)
             step_metrics = PendingMetrics(metrics, device)
             settle()  # the previous step's, while this one runs

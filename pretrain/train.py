@@ -198,7 +198,6 @@ def train(cfg: TrainConfig, out: str | Path, *, shards: str | Path | None = None
 
     spec = LoopSpec(model=meta, checkpointed=meta, optimizer=optimizer, sched=sched, stream=stream,
                     clip_modules=[meta.student[name] for name in meta.student.keys()],  # per submodule, as DINOv2
-                    last_layer=[p for n, p in meta.student.named_parameters() if "last_layer" in n],
                     update_ema=meta.update_teacher, export=export, checkpoint_config=cfg.to_dict(),
                     build_augmentation=lambda highres: build_augmentation(cfg, highres))
     log, last_record, stop = run_loop(cfg, out, spec, device=device, start=start, global_batch=global_batch,

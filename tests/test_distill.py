@@ -55,7 +55,7 @@ def _steps(cfg, teacher_run, n):
     _, sched = lr_and_schedules(cfg, cfg.batch_size_per_rank)
     stream = BatchStream(ListStream(toy_images(12)), batch_size=cfg.batch_size_per_rank, seed=0, rank=0,
                          mask_probability=0.5 if cfg.masking else 0.0)
-    aug, last_layer = build_augmentation(cfg), []
+    aug = build_augmentation(cfg)
     history = []
     import contextlib
 
@@ -63,7 +63,7 @@ def _steps(cfg, teacher_run, n):
         batch = to_device(stream.next_batch(it, aug, cfg.patch_size), torch.device("cpu"))
         if not cfg.masking:
             batch = unmasked_ibot_batch(batch, cfg.patch_size)
-        history.append(optimizer_step(meta, opt, batch, sched.at(it), it, cfg=cfg, last_layer=last_layer,
+        history.append(optimizer_step(meta, opt, batch, sched.at(it), cfg=cfg,
                                       clip_modules=[st.student[k] for st in meta.students.values() for k in st.student],
                                       autocast=contextlib.nullcontext(), update_ema=meta.update_emas))
     return meta, history

@@ -178,3 +178,36 @@ def test_a_training_step_never_waits_for_the_device(centering):
     with reads:
         float(metrics["total_loss"])
     assert reads.seen == ["_local_scalar_dense"]
+
+
+def test_prototypes_are_frozen_by_their_learning_rate_while_adamw_sees_their_gradients():
+    """DINOv2 freezes the last layer with a zero learning rate: the prototypes stay bitwise while frozen,
+    and AdamW's moments take their real gradients meanwhile. (Zeroed gradients, DINOv1's way under Adam,
+    leave the second moment at 0 and make the first steps after the freeze several times too large.)"""
+    import contextlib
+
+    from pretrain.loop import build_optimizer, lr_and_schedules, optimizer_step
+    from pretrain.param_groups import param_groups
+    from pretrain_helpers import tiny_config
+
+    cfg = tiny_config(total_iters=5, warmup_iters=0, freeze_last_layer_iters=3)
+    meta = _meta()
+    optimizer = build_optimizer(param_groups(meta.student, num_layers=2), cfg)
+    _, sched = lr_and_schedules(cfg, 4)
+    last = {n: p for n, p in meta.student.named_parameters() if "last_layer" in n and p.requires_grad}
+    mlp = meta.student["dino_head"].mlp[0].weight
+    start = {n: p.detach().clone() for n, p in last.items()}
+    mlp_start = mlp.detach().clone()
+
+    def step(it):
+        optimizer_step(meta, optimizer, _batch(seed=it), sched.at(it), cfg=cfg, autocast=contextlib.nullcontext(),
+                       clip_modules=[meta.student[k] for k in meta.student.keys()], update_ema=meta.update_teacher)
+
+    for it in range(3):
+        step(it)
+    assert last and all(torch.equal(p, start[n]) for n, p in last.items())  # frozen, bitwise
+    assert not torch.equal(mlp, mlp_start)  # while the rest of the head trains
+    for n, p in last.items():
+        assert optimizer.state[p]["exp_avg_sq"].abs().sum() > 0, n  # AdamW saw the real gradients
+    step(3)
+    assert all(not torch.equal(p, start[n]) for n, p in last.items())  # unfrozen

@@ -173,7 +173,6 @@ def distill(cfg: DistillConfig, out: str | Path, *, teacher: str | Path, shards:
     spec = LoopSpec(model=meta, checkpointed=meta.checkpointed(), optimizer=optimizer, sched=sched, stream=stream,
                     # per student and submodule, as DINOv2 per submodule
                     clip_modules=[st.student[name] for st in meta.students.values() for name in st.student.keys()],
-                    last_layer=[p for n, p in meta.students.named_parameters() if "last_layer" in n and p.requires_grad],
                     update_ema=meta.update_emas, export=export,
                     checkpoint_config={**cfg.to_dict(), "teacher": teacher_info["path"]},
                     build_augmentation=lambda highres: build_augmentation(cfg, highres),
