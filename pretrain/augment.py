@@ -4,7 +4,8 @@ Per crop: RandomResizedCrop (bicubic) + horizontal flip, colour jitter (0.4, 0.4
 grayscale p=0.2, then Gaussian blur (kernel 9, sigma 0.1-2) and, on the second global crop, solarisation
 (threshold 128, p=0.2). Crops stay uint8, as every transform here computes them: the ImageNet normalisation
 runs once per batch on the model's device (`pretrain.normalise.normalise_crops`, called by `loop.to_device`),
-which saves ~2.4 ms of CPU per image at the recipe's crop sizes and sends a quarter of float32's bytes.
+which saves the per-crop conversion (2.4-4.2 ms of one core per image at the recipe's crop sizes, measured
+on this project's 2-core host on two days) and sends a quarter of float32's bytes.
 
 Blur probabilities (`blur_probabilities`):
 - "paper" (default): global crop 1 always blurred (p=1.0), global crop 2 with p=0.1, local crops p=0.5 —
