@@ -36,6 +36,7 @@ class TrainConfig:
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
     ibot_separate_head: bool = False
+    ibot_head_bottleneck_dim: int = 0  # a separate iBOT head's bottleneck; 0: head_bottleneck_dim (vitl14: 256 vs 384)
     norm_last_layer: bool = False  # DINOv1: freeze the prototypes' weight-norm g at 1 (stabler for small models)
     # --- losses --------------------------------------------------------------------------------------
     dino_weight: float = 1.0
@@ -101,6 +102,8 @@ class TrainConfig:
             problems.append("batch_size_per_rank must be >= 2 (KoLeo needs two samples per process)")
         if self.total_iters < 1:
             problems.append("total_iters must be >= 1")
+        if self.ibot_head_bottleneck_dim < 0:
+            problems.append(f"ibot_head_bottleneck_dim must be 0 (the DINO head's) or more, got {self.ibot_head_bottleneck_dim}")
         if self.data_workers < -1:
             problems.append(f"data_workers must be -1 (automatic), 0 or more, got {self.data_workers}")
         sizes = ["global_crops_size", "local_crops_size", "img_size"]

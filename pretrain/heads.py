@@ -73,8 +73,9 @@ class DINOHead(nn.Module):
 
 def build_heads(embed_dim: int, *, dino_prototypes: int, ibot_prototypes: int, hidden_dim: int,
                 bottleneck_dim: int, nlayers: int, ibot_separate_head: bool,
-                norm_last_layer: bool = False) -> dict[str, nn.Module]:
-    """The heads of one network (student or teacher): `dino_head`, plus `ibot_head` when separate.
+                norm_last_layer: bool = False, ibot_bottleneck_dim: int = 0) -> dict[str, nn.Module]:
+    """The heads of one network (student or teacher): `dino_head`, plus `ibot_head` when separate (its
+    bottleneck `ibot_bottleneck_dim`, or `bottleneck_dim` when 0).
 
     With a shared head (DINOv2 default) the masked patch tokens go through `dino_head` too.
     """
@@ -82,5 +83,6 @@ def build_heads(embed_dim: int, *, dino_prototypes: int, ibot_prototypes: int, h
         "dino_head": DINOHead(embed_dim, dino_prototypes, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
     }
     if ibot_separate_head:
-        heads["ibot_head"] = DINOHead(embed_dim, ibot_prototypes, hidden_dim, bottleneck_dim, nlayers, norm_last_layer)
+        heads["ibot_head"] = DINOHead(embed_dim, ibot_prototypes, hidden_dim, ibot_bottleneck_dim or bottleneck_dim,
+                                      nlayers, norm_last_layer)
     return heads

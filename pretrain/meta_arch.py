@@ -44,14 +44,16 @@ class SSLMetaArch(nn.Module):
     def __init__(self, backbone: nn.Module, *, dino_prototypes: int = 65536, ibot_prototypes: int = 65536,
                  head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256, head_nlayers: int = 3,
                  ibot_separate_head: bool = False, dino_weight: float = 1.0, ibot_weight: float = 1.0,
-                 koleo_weight: float = 0.1, centering: str = "centering", norm_last_layer: bool = False):
+                 koleo_weight: float = 0.1, centering: str = "centering", norm_last_layer: bool = False,
+                 ibot_head_bottleneck_dim: int = 0):
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         embed_dim = backbone.embed_dim
         heads = build_heads(embed_dim, dino_prototypes=dino_prototypes, ibot_prototypes=ibot_prototypes,
                             hidden_dim=head_hidden_dim, bottleneck_dim=head_bottleneck_dim, nlayers=head_nlayers,
-                            ibot_separate_head=ibot_separate_head, norm_last_layer=norm_last_layer)
+                            ibot_separate_head=ibot_separate_head, norm_last_layer=norm_last_layer,
+                            ibot_bottleneck_dim=ibot_head_bottleneck_dim)
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():

@@ -49,7 +49,7 @@ def build_meta_arch(cfg: TrainConfig) -> SSLMetaArch:
                        head_bottleneck_dim=cfg.head_bottleneck_dim, head_nlayers=cfg.head_nlayers,
                        ibot_separate_head=cfg.ibot_separate_head, dino_weight=cfg.dino_weight,
                        ibot_weight=cfg.ibot_weight, koleo_weight=cfg.koleo_weight, centering=cfg.centering,
-                       norm_last_layer=cfg.norm_last_layer)
+                       norm_last_layer=cfg.norm_last_layer, ibot_head_bottleneck_dim=cfg.ibot_head_bottleneck_dim)
     # The teacher runs without stochastic depth (DINOv2 builds it with drop_path_rate 0).
     for blk in meta.teacher["backbone"].blocks:
         blk.drop_path_rate = 0.0

@@ -39,6 +39,10 @@ def test_separate_or_shared_ibot_head():
     heads = build_heads(16, dino_prototypes=10, ibot_prototypes=12, hidden_dim=8, bottleneck_dim=4, nlayers=3,
                         ibot_separate_head=True)
     assert heads["ibot_head"].out_dim == 12 and heads["dino_head"].out_dim == 10
+    assert heads["ibot_head"].last_layer.weight_v.shape == (12, 4)  # the DINO head's bottleneck by default
+    own = build_heads(16, dino_prototypes=10, ibot_prototypes=12, hidden_dim=8, bottleneck_dim=4, nlayers=3,
+                      ibot_separate_head=True, ibot_bottleneck_dim=3)  # vitl14: 384 for DINO, 256 for iBOT
+    assert own["ibot_head"].last_layer.weight_v.shape == (12, 3) and own["dino_head"].last_layer.weight_v.shape == (10, 4)
 
 
 # ---- masking -----------------------------------------------------------------------------------------
