@@ -56,13 +56,14 @@ def _level(x: np.ndarray, k: int, steps: int, r: int, niter: int, seed: int, gpu
     k = min(k, len(x))
     centroids, _, used_gpu = train_centroids(x, k, niter=niter, seed=seed, gpu=gpu)
     labels, sims = assign(x, centroids, gpu=used_gpu)
-    for step in range(steps):
+    # r = 1 keeps one point per cluster: k-means on k points returns them, so the reference skips the loop.
+    for step in range(steps if r > 1 else 0):
         picked = _closest_per_cluster(labels, sims, k, r)
         if len(picked) < k:
             break  # fewer resampled points than clusters: k-means is undefined, keep what we have
-        centroids, _, _ = train_centroids(
-            x[picked], k, niter=niter, seed=seed + 1 + step, gpu=used_gpu, init_centroids=centroids
-        )
+        # A fresh initialisation, as the reference: started from the current centroids, Lloyd's algorithm
+        # stays where it is (each resampled point is already its own centroid's) and nothing spreads out.
+        centroids, _, _ = train_centroids(x[picked], k, niter=niter, seed=seed + 1 + step, gpu=used_gpu)
         labels, sims = assign(x, centroids, gpu=used_gpu)
     return Level(centroids=centroids, assignment=labels, similarity=sims)
 
@@ -80,7 +81,9 @@ def hierarchical_kmeans(
     """Bottom-up: level 0 clusters x into n_clusters[0]; level t clusters the centroids of level t-1.
 
     `sample_size[t]` is r, the points per cluster kept in each resampling step (the reference configs use
-    about half the average cluster size); `n_resampling_steps[t]` is m.
+    about half the average cluster size); `n_resampling_steps[t]` is m, the resampling steps after the first
+    k-means. The reference's `n_resampling_steps` counts that first run too: its [1, 10, 10, 10] is [0, 9, 9, 9]
+    here.
     """
     if any(b > a for a, b in zip(n_clusters, n_clusters[1:])):
         raise ValueError(f"cluster counts must not grow with the level: {n_clusters}")

@@ -62,20 +62,20 @@ def train_centroids(
     seed: int = 0,
     gpu: bool | None = None,
     max_points_per_centroid: int = 256,
-    init_centroids: np.ndarray | None = None,
     init: str = "auto",
 ) -> tuple[np.ndarray, float, bool]:
     """Train k centroids on x (float16/float32 [n, d]); returns (centroids, objective, used_gpu).
 
     `init`: "random" (faiss: k random points), "kmeans++" (see kmeanspp_init), or "auto" (k-means++ up to
-    KMEANSPP_MAX_K clusters). `init_centroids` overrides both.
+    KMEANSPP_MAX_K clusters).
     """
     n, d = x.shape
     if k < 1 or k > n:
         raise ValueError(f"k-means needs 1 <= k <= n points, got k={k}, n={n}")
     if init not in ("auto", "random", "kmeans++"):
         raise ValueError(f"init must be auto, random or kmeans++, got {init!r}")
-    if init_centroids is None and k > 1 and (init == "kmeans++" or (init == "auto" and k <= KMEANSPP_MAX_K)):
+    init_centroids = None
+    if k > 1 and (init == "kmeans++" or (init == "auto" and k <= KMEANSPP_MAX_K)):
         init_centroids = kmeanspp_init(x, k, np.random.default_rng(seed))
     use_gpu = resolve_gpu(gpu)
     km = faiss.Kmeans(

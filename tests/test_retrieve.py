@@ -117,6 +117,22 @@ def test_hierarchical_balanced_sampling_rebalances_unequal_blobs():
         assert np.bincount(blob[picked]).tolist() == [60, 60, 60]  # random sampling would give ~[137, 14, 4]
 
 
+def test_resampling_spreads_centroids_away_from_the_dense_blob():
+    # Flat k-means spends most centroids on the dominant blob; each resampling step reruns k-means on the
+    # points nearest every centroid, which must move centroids towards the sparse blobs (Vo et al. 2024).
+    rng = np.random.default_rng(3)
+    centers = _centers(rng, 3)
+    x, _ = blob_vectors(rng, centers, [2000, 200, 60], spread=0.02)
+
+    def centroids_in_dominant_blob(steps: int) -> int:
+        c = hierarchical_kmeans(x.astype(np.float16), [30], n_resampling_steps=[steps], seed=0).levels[0].centroids
+        return int(np.sum(np.argmax(c @ centers.T, axis=1) == 0))
+
+    flat, resampled = centroids_in_dominant_blob(0), centroids_in_dominant_blob(2)
+    assert flat >= 20  # 2000 of 2260 points: density-following k-means
+    assert resampled <= flat - 5
+
+
 @pytest.fixture
 def pool_dir(tmp_path):
     """600 image files in 3 embedding blobs (400/150/50), their manifest and embeddings, plus query sets."""
