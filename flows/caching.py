@@ -79,4 +79,6 @@ def stage_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
 def run_stage(task: Callable, *, out: str, refresh: set[str] | list[str] | None = None, **params: Any) -> dict:
     """Call a cached stage task, forcing a rerun when asked or when its output is gone or incomplete."""
     force = (task.name in set(refresh or ())) or not is_complete(Path(out))
-    return task.with_options(refresh_cache=force)(out=out, **params)
+    # Not `refresh_cache=False` when not forced: Prefect reads PREFECT_TASKS_REFRESH_CACHE only for a task whose
+    # refresh_cache is None, and an explicit False would override a user's global "refresh everything".
+    return (task.with_options(refresh_cache=True) if force else task)(out=out, **params)

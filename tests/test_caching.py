@@ -1,0 +1,41 @@
+"""run_stage and stage_cache_key (flows/caching.py) on a toy stage: cheap flow runs, no library stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+
+from flows.caching import run_stage, stage_cache_key
+from lvdflow.stage import file_digest, publish, read_manifest, work_dir
+
+CALLS: list[int] = []  # the toy stage's runs (tasks run in this process)
+
+
+@task(name="toy-stage", cache_key_fn=stage_cache_key, persist_result=True)
+def toy_stage(out: str, p: int) -> dict:
+    """Writes `p` into `out` and publishes it with a digest, as the real stages do."""
+    CALLS.append(p)
+    work = work_dir(Path(out), fresh=True)
+    (work / "value.txt").write_text(str(p))
+    return publish(work, Path(out), {"stage": "toy", "params": {"p": p}, "digest": file_digest(work / "value.txt")})
+
+
+@flow(name="toy-flow")
+def toy_flow(out: str, p: int) -> dict:
+    return run_stage(toy_stage, out=out, p=p)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_global_refresh_cache_setting_reruns_a_stage(tmp_path):
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    out = str(tmp_path / "out")
+    toy_flow(out=out, p=1)
+    CALLS.clear()
+    toy_flow(out=out, p=1)
+    assert CALLS == []  # a cache hit
+    with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
+        toy_flow(out=out, p=1)
+    assert CALLS == [1]
