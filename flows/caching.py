@@ -4,7 +4,8 @@ Prefect hashes a `str` argument by its text, so a stage keyed on its input *path
 after the files behind the path changed. Here the key is built from the content fingerprint of every
 input path (a published stage's digest, a file's hash, or a folder listing), the stage's own parameters,
 the output location, and an explicit per-stage code version (TASK_SOURCE cannot see helper changes).
-A stage whose published output went missing is rerun instead of reporting a stale cache hit.
+A stage whose published output went missing is rerun instead of reporting a stale cache hit, and so is one
+whose cached manifest is not the one on disk (another parameter set published to the same `out` since).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable
 from prefect.context import TaskRunContext
 
 from lvdflow.errors import UserError
-from lvdflow.stage import fingerprint, is_complete
+from lvdflow.stage import fingerprint, is_complete, read_manifest
 
 # Bump a stage's version when its library code changes what it writes.
 CODE_VERSION: dict[str, str] = {
@@ -77,8 +78,25 @@ def stage_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
 
 
 def run_stage(task: Callable, *, out: str, refresh: set[str] | list[str] | None = None, **params: Any) -> dict:
-    """Call a cached stage task, forcing a rerun when asked or when its output is gone or incomplete."""
+    """Call a cached stage task, forcing a rerun when asked, when its output is gone or incomplete, or when the
+    cached manifest is not the one on disk."""
     force = (task.name in set(refresh or ())) or not is_complete(Path(out))
     # Not `refresh_cache=False` when not forced: Prefect reads PREFECT_TASKS_REFRESH_CACHE only for a task whose
     # refresh_cache is None, and an explicit False would override a user's global "refresh everything".
-    return (task.with_options(refresh_cache=True) if force else task)(out=out, **params)
+    result = (task.with_options(refresh_cache=True) if force else task)(out=out, **params)
+    if force or _is_on_disk(result, Path(out)):
+        return result
+    # A cache hit for what another run replaced: every parameter variant writes to the same `out`, so after
+    # A -> B -> A the record is A's while the folder holds B's. Rerun, so manifest and folder agree again.
+    return task.with_options(refresh_cache=True)(out=out, **params)
+
+
+def _is_on_disk(manifest: Any, out: Path) -> bool:
+    """Whether `manifest` is the one published in `out` now (same digest and publication time)."""
+    if not isinstance(manifest, dict):
+        return True  # not a published stage's manifest: nothing to compare
+    try:
+        disk = read_manifest(out)
+    except (OSError, ValueError):
+        return False
+    return all(manifest.get(k) == disk.get(k) for k in ("digest", "created"))

@@ -39,3 +39,14 @@ def test_global_refresh_cache_setting_reruns_a_stage(tmp_path):
     with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
         toy_flow(out=out, p=1)
     assert CALLS == [1]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_then_b_then_a_returns_what_is_on_disk(tmp_path):
+    out = tmp_path / "out"
+    toy_flow(out=str(out), p=1)
+    toy_flow(out=str(out), p=2)
+    m = toy_flow(out=str(out), p=1)  # A's cache record, but the folder holds B's output: must rerun
+    disk = read_manifest(out)
+    assert (out / "value.txt").read_text() == "1"
+    assert (m["digest"], m["created"], m["params"]) == (disk["digest"], disk["created"], {"p": 1})
