@@ -31,8 +31,10 @@ CODE_VERSION: dict[str, str] = {
     "embed": "3",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged)
     "retrieve": "1",
     "shard": "1",
-    "pretrain": "2",  # teacher_checkpoint.pth carries the loss centres
-    "distill": "2",  # demo student without LayerScale, CLS feature loss, teacher centres
+    # pretrain and distill 3: prototypes frozen by lr alone (AdamW sees their gradients), crops normalised on
+    # device, the official vitl14 profile, a bootstrap profile that does not collapse
+    "pretrain": "3",  # 2: teacher_checkpoint.pth carries the loss centres
+    "distill": "3",  # 2: demo student without LayerScale, CLS feature loss, teacher centres
     "evaluate": "1",
 }
 

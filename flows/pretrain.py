@@ -22,7 +22,8 @@ def pretrain_task(shards: str, out: str, config: str = "demo", overrides: dict |
     total = load_config(profile_path(config), overrides).total_iters
     launch = Launch(nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, prefix=list(launcher or []))
     log = get_run_logger()
-    with TrainingProgress([work_dir_of(out) / "metrics.jsonl", Path(out) / "metrics.jsonl"], total, f"pretraining {config} ({total} iterations)"):
+    metrics = [work_dir_of(out) / "metrics.jsonl", Path(out) / "metrics.jsonl"]
+    with TrainingProgress(metrics, total, f"pretraining {Path(config).stem} ({total} iterations)"):
         return run_pretrain(shards, out, config=config, overrides=overrides, eval_train=eval_train,
                             eval_test=eval_test, launch=launch, on_output=log.info)
 
@@ -35,9 +36,11 @@ def pretrain_flow(shards: str, out: str, config: str = "demo", overrides: dict |
     """DINOv2 pretraining on WebDataset shards; the teacher is exported and evaluated with kNN.
     `nproc` > 1 or `nnodes` > 1 trains under torchrun (FSDP2), its output streamed into this flow run's
     logs; `launcher` prefixes the torchrun command (e.g. srun) to start it on every node."""
-    manifest = run_stage(pretrain_task, out=out, refresh=refresh, shards=str(shards), config=str(config),
-                         overrides=overrides or {}, eval_train=eval_train, eval_test=eval_test, nproc=nproc,
-                         nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, launcher=list(launcher or []))
+    # The profile's file path, not its name, goes into the cache key, so an edited profile is a new run.
+    manifest = run_stage(pretrain_task, out=out, refresh=refresh, shards=str(shards),
+                         config=str(profile_path(config)), overrides=overrides or {}, eval_train=eval_train,
+                         eval_test=eval_test, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                         launcher=list(launcher or []))
     extra = {}
     for name in ("knn", "knn_random_init"):
         for k, v in (manifest.get(name) or {}).items():

@@ -50,3 +50,33 @@ def test_a_then_b_then_a_returns_what_is_on_disk(tmp_path):
     disk = read_manifest(out)
     assert (out / "value.txt").read_text() == "1"
     assert (m["digest"], m["created"], m["params"]) == (disk["digest"], disk["created"], {"p": 1})
+
+
+def test_pretrain_key_changes_when_its_profile_file_is_edited(tmp_path, monkeypatch):
+    """The flow passes a profile *name*; the task's cache key must still follow the file behind it."""
+    import logging
+    import shutil
+    from types import SimpleNamespace
+
+    import flows.pretrain as fp
+    import pretrain.config
+
+    profiles = tmp_path / "configs"
+    profiles.mkdir()
+    shutil.copy(pretrain.config.CONFIG_DIR / "demo.yaml", profiles / "demo.yaml")
+    monkeypatch.setattr(pretrain.config, "CONFIG_DIR", profiles)
+    calls: list[dict] = []
+    monkeypatch.setattr(fp, "run_stage", lambda task, **kw: calls.append(kw) or {})
+    monkeypatch.setattr(fp, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(fp, "stage_table", lambda *a, **k: None)
+
+    def key() -> str:
+        fp.pretrain_flow.fn(shards=str(tmp_path / "shards"), out=str(tmp_path / "out"), config="demo")
+        params = {k: v for k, v in calls.pop().items() if k != "refresh"}
+        return stage_cache_key(SimpleNamespace(task=fp.pretrain_task), params)
+
+    before = key()
+    assert key() == before
+    with open(profiles / "demo.yaml", "a") as f:
+        f.write("\n# edited\n")
+    assert key() != before
