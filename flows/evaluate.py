@@ -27,7 +27,10 @@ def evaluate_task(checkpoints: dict[str, str], train: str, test: str, out: str, 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(checkpoints: dict[str, str], train: str, test: str, out: str, kinds: list[str] | None = None,
                   image_size: int | None = None, refresh: list[str] | None = None) -> dict:
-    """Evaluate each named backbone checkpoint; one table row per model and metric."""
+    """Evaluate each named backbone checkpoint; one table row per model and metric.
+
+    `image_size` None: each checkpoint at its own evaluation size (`pretrain.evaluate.default_image_size`:
+    the size this project's exports saved, else 224 or a smaller grid), not at its position-embedding grid."""
     manifest = run_stage(evaluate_task, out=out, refresh=refresh, checkpoints=dict(checkpoints), train=str(train),
                          test=str(test), kinds=list(kinds or ["knn"]), image_size=image_size)
     rows = []

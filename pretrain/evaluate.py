@@ -24,6 +24,29 @@ from pretrain.normalise import BatchNormalise
 
 KNN_KS = (10, 20)
 KNN_TEMPERATURE = 0.07
+# DINOv2's evaluation resolution (resize 256, centre crop 224), for every released model: their 518 px
+# position-embedding grid is the high-resolution adaptation's, not the evaluation protocol's.
+PROTOCOL_IMAGE_SIZE = 224
+
+
+def default_image_size(backbone: torch.nn.Module, saved: int | None = None) -> int:
+    """The evaluation resolution when none is asked for.
+
+    1. `saved`: the size this project's exports record (`EVAL_IMAGE_SIZE_KEY`: the run's `eval_image_size
+       or global_crops_size`, what its in-training kNN used), so `lvdflow eval` and the evaluate stage
+       repeat the pretrain stage's protocol: 224 for vitl14 / distill_vitl_to_vits, 24 for the demos.
+    2. Otherwise (official hub .pth, timm, exports older than the key, a bare module):
+       min(224, position-embedding grid), rounded down to the patch size. 224 is DINOv2's protocol; the
+       grid (img_size) is not, since released and vitl14-style models carry a 518 grid from the
+       high-resolution phase (evaluating there costs 5-7x and is another protocol). A grid below 224
+       is a small model's training size (the demo profiles train at their grid, 24 px), which upsampling to
+       224 would leave.
+    """
+    if saved:
+        return int(saved)
+    patch = backbone.patch_size
+    size = min(PROTOCOL_IMAGE_SIZE, backbone.config.img_size)
+    return max(patch, size // patch * patch)
 
 
 def eval_transform(image_size: int, resize_ratio: float = 256 / 224) -> v2.Compose:
@@ -169,10 +192,11 @@ def _linear_probe(train_f, train_y, test_f, test_y, lrs, wds, epochs, seed) -> d
 def evaluate_backbone(backbone: torch.nn.Module, train_dir: str | Path, test_dir: str | Path, kind: str = "knn",
                       image_size: int | None = None, device: str | torch.device = "cpu",
                       batch_size: int = 256) -> dict:
-    """kNN or linear evaluation; returns a JSON-able dict with top-1 accuracies and set sizes."""
+    """kNN or linear evaluation; returns a JSON-able dict with top-1 accuracies and set sizes.
+    `image_size` None: `default_image_size(backbone)`."""
     if kind not in ("knn", "linear"):
         raise UserError(f"evaluation must be knn or linear, got {kind!r}")
-    size = image_size or backbone.config.img_size
+    size = image_size or default_image_size(backbone)
     if size % backbone.patch_size:
         raise UserError(f"image size {size} is not a multiple of the patch size {backbone.patch_size}")
     train_ds, test_ds = image_folder(train_dir, size), image_folder(test_dir, size)
@@ -191,13 +215,18 @@ def evaluate_backbone(backbone: torch.nn.Module, train_dir: str | Path, test_dir
 
 def evaluate_checkpoint(checkpoint: str | Path, train_dir, test_dir, kind: str = "knn",
                         image_size: int | None = None, device: str | None = None) -> dict:
-    """Load a backbone checkpoint (any layout pretrain.models.checkpoint reads) and evaluate it."""
-    from pretrain.models.checkpoint import load_backbone
+    """Load a backbone checkpoint (any layout pretrain.models.checkpoint reads) and evaluate it.
+
+    Resolution: `image_size` when given, else the size the export saved, else 224 (or a smaller grid);
+    see `default_image_size`."""
+    from pretrain.models.checkpoint import EVAL_IMAGE_SIZE_KEY, load_backbone_and_info
 
     path = Path(checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {checkpoint}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    res = evaluate_backbone(load_backbone(path), train_dir, test_dir, kind, image_size, device)
+    backbone, info = load_backbone_and_info(path)
+    size = image_size or default_image_size(backbone, info["extra"].get(EVAL_IMAGE_SIZE_KEY))
+    res = evaluate_backbone(backbone, train_dir, test_dir, kind, size, device)
     res["checkpoint"] = str(path)
     return res

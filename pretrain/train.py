@@ -139,7 +139,7 @@ def export_teacher(meta: SSLMetaArch, cfg: TrainConfig, dest: Path, iteration: i
     `teacher_checkpoint.pth` (`{"teacher": ...}` with heads, the official eval/distillation layout, plus
     `"centers"`: the DINO / iBOT centres its targets were centred with, which distillation starts from).
     Returns the unsharded teacher backbone on rank 0, None elsewhere."""
-    from pretrain.models.checkpoint import export_official, save_backbone
+    from pretrain.models.checkpoint import EVAL_IMAGE_SIZE_KEY, export_official, save_backbone
 
     sd = full_state_dict(meta.teacher)
     # The loss modules are never sharded: every rank holds the same centres.
@@ -149,7 +149,9 @@ def export_teacher(meta: SSLMetaArch, cfg: TrainConfig, dest: Path, iteration: i
     backbone = build_backbone(cfg, drop_path_rate=0.0)
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
     dest.mkdir(parents=True, exist_ok=True)
-    save_backbone(backbone, dest / "teacher_backbone.pth", extra={"iteration": iteration})
+    # The evaluation size travels with the weights: `lvdflow eval` repeats the in-training kNN's protocol.
+    save_backbone(backbone, dest / "teacher_backbone.pth",
+                  extra={"iteration": iteration, EVAL_IMAGE_SIZE_KEY: cfg.eval_image_size or cfg.global_crops_size})
     export_official(backbone, dest / "teacher_official.pth")
     tmp = dest / "teacher_checkpoint.pth.tmp"
     torch.save({"teacher": sd, "iteration": iteration, "centers": centers}, tmp)

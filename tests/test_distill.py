@@ -166,6 +166,9 @@ def test_exports_load_and_a_student_can_teach_in_turn(teacher_run, tmp_path):
     assert all(torch.equal(own.state_dict()[k], official.state_dict()[k]) for k in own.state_dict())
     assert all(torch.equal(own.state_dict()[k], sd["backbone." + k]) for k in own.state_dict())  # the EMA
     assert s["students"]["vit_tiny"]["params"] == sum(p.numel() for p in own.parameters())
+    from pretrain.models.checkpoint import EVAL_IMAGE_SIZE_KEY, load_state_dict_any
+
+    assert load_state_dict_any(d / "student_backbone.pth")[1]["extra"][EVAL_IMAGE_SIZE_KEY] == 16  # its crops
     teacher, info = load_teacher(d / "student_checkpoint.pth")
     assert info["heads"] == "trained" and teacher["backbone"].embed_dim == 32
 

@@ -105,6 +105,7 @@ def test_lvdflow_eval_cli_prints_json(tmp_path, folders, capsys):
     assert main(["eval", "knn", "--checkpoint", str(path), "--train", str(folders[0]), "--test", str(folders[1])]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["eval"] == "knn" and "knn_top1_k20" in out and out["checkpoint"] == str(path)
+    assert out["image_size"] == 16  # no saved size, grid below 224: the grid, as before
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "x.pth"), "--train", str(folders[0]),
                  "--test", str(folders[1])]) == 2
 
@@ -134,3 +135,53 @@ def test_features_see_the_dino_eval_transform_normalised_per_batch():
     assert dataset[0][0].dtype == torch.uint8
     extract_features(Probe(), dataset, batch_size=2)
     torch.testing.assert_close(seen[0], torch.stack([reference(im) for im in images]), rtol=0, atol=1e-5)
+
+
+def _hub_like(tmp_path):
+    """A ViT with the released models' 518 px grid (37 x 37 patches of 14), tiny width and depth, saved in the
+    official hub layout (no metadata)."""
+    from pretrain.models.checkpoint import export_official
+    from pretrain.models.vit import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", patch_size=14, img_size=518, embed_dim=32, depth=1, num_heads=2, init_values=None)
+    return export_official(model, tmp_path / "hub.pth")
+
+
+def test_official_518_grid_checkpoint_evaluates_at_224_unless_a_size_is_given(tmp_path, folders, capsys):
+    """DINOv2's protocol is resize 256 / crop 224: a hub-layout file carries the 518 grid of its high-resolution
+    phase, which is not the size to evaluate at."""
+    from lvdflow.cli import main
+    from pretrain.models.checkpoint import load_backbone
+
+    path = _hub_like(tmp_path)
+    assert load_backbone(path).config.img_size == 518
+    res = evaluate_checkpoint(path, *folders, "knn", device="cpu")
+    assert res["image_size"] == 224 and 0 <= res["knn_top1_k10"] <= 100
+    assert evaluate_checkpoint(path, *folders, "knn", image_size=28, device="cpu")["image_size"] == 28
+    assert main(["eval", "knn", "--checkpoint", str(path), "--train", str(folders[0]), "--test", str(folders[1]),
+                 "--image-size", "42", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == 42
+
+
+def test_own_export_evaluates_at_its_runs_evaluation_size(tmp_path, folders):
+    """A pretraining run on a 28 px grid with 16 px global crops: its own export records 16 (what its in-training
+    kNN used) and is evaluated there; the official-layout export of the same weights has no metadata and falls back
+    to its grid (below 224); an explicit size wins over the saved one."""
+    from pretrain.models.checkpoint import EVAL_IMAGE_SIZE_KEY, load_state_dict_any
+    from pretrain.train import train
+    from pretrain_helpers import ListStream, tiny_config
+
+    cfg = tiny_config(img_size=28, global_crops_size=16, total_iters=2, warmup_iters=1, checkpoint_every=100)
+    train(cfg, tmp_path / "run", dataset=ListStream(toy_images(8)))
+    own, official = tmp_path / "run/teacher/teacher_backbone.pth", tmp_path / "run/teacher/teacher_official.pth"
+    assert load_state_dict_any(own)[1]["extra"][EVAL_IMAGE_SIZE_KEY] == 16
+    assert set(torch.load(official, weights_only=True)) == set(load_state_dict_any(own)[0])  # nothing added there
+    assert evaluate_checkpoint(own, *folders, device="cpu")["image_size"] == 16
+    assert evaluate_checkpoint(official, *folders, device="cpu")["image_size"] == 28
+    assert evaluate_checkpoint(own, *folders, image_size=24, device="cpu")["image_size"] == 24
+    eval_at = tiny_config(img_size=28, global_crops_size=16, eval_image_size=20, total_iters=2, warmup_iters=1,
+                          checkpoint_every=100)
+    train(eval_at, tmp_path / "run2", dataset=ListStream(toy_images(8)))
+    assert evaluate_checkpoint(tmp_path / "run2/teacher/teacher_backbone.pth", *folders,
+                               device="cpu")["image_size"] == 20

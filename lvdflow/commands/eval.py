@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", required=True, help="ImageFolder of labelled train images (DIR/<class>/<image>)")
     p.add_argument("--test", required=True, help="ImageFolder of labelled test images")
     p.add_argument("--image-size", type=int, default=None,
-                   help="evaluation resolution (default: the checkpoint's img_size)")
+                   help="evaluation resolution (default: the size saved in this project's exports, i.e. the run's "
+                        "eval_image_size or global_crops_size; otherwise 224, DINOv2's protocol, or the "
+                        "position-embedding grid when smaller)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 

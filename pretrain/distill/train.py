@@ -90,7 +90,7 @@ def shard_teacher_with_fsdp2(teacher: torch.nn.Module, device: torch.device) -> 
 # ---- exports -----------------------------------------------------------------------------------------
 def export_students(meta: DistillMetaArch, cfg: DistillConfig, dest: Path, iteration: int) -> dict:
     """Collective. Rank 0 writes each student's EMA under dest/<name>/; returns {name: backbone} there."""
-    from pretrain.models.checkpoint import export_official, save_backbone
+    from pretrain.models.checkpoint import EVAL_IMAGE_SIZE_KEY, export_official, save_backbone
 
     backbones = {}
     for spec in cfg.student_specs():
@@ -101,7 +101,9 @@ def export_students(meta: DistillMetaArch, cfg: DistillConfig, dest: Path, itera
         backbone.load_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
         d = dest / spec["name"]
         d.mkdir(parents=True, exist_ok=True)
-        save_backbone(backbone, d / "student_backbone.pth", extra={"iteration": iteration, "arch": spec["arch"]})
+        save_backbone(backbone, d / "student_backbone.pth",
+                      extra={"iteration": iteration, "arch": spec["arch"],
+                             EVAL_IMAGE_SIZE_KEY: cfg.eval_image_size or cfg.global_crops_size})
         export_official(backbone, d / "student_official.pth")
         tmp = d / "student_checkpoint.pth.tmp"
         torch.save({"teacher": sd, "iteration": iteration}, tmp)

@@ -6,7 +6,8 @@
   also the FSDP "block chunk" layout `blocks.C.N.*` of DINOv2 training, and training/eval exports wrapped as
   {"teacher"|"student"|"model"|"state_dict": ...} with `module.`/`backbone.` prefixes (heads are dropped);
 - this project's checkpoints (`save_backbone`): {"format": "lvdflow-vit", "version": 1, "config": {...},
-  "model": state dict in the official key layout};
+  "model": state dict in the official key layout, "extra"?: plain metadata such as the training iteration and
+  `eval_image_size`, the resolution its run evaluated at (`load_backbone_and_info` returns it)};
 - timm ViT weights (`.safetensors`, or a .pth/.bin with timm keys): `reg_token`, a position embedding
   without the CLS slot (`no_embed_class`, timm's DINOv2 register models), SwiGLU as packed `mlp.fc1/fc2`,
   no `mask_token` (filled with zeros: only iBOT training uses it); a classifier `head.*` is dropped.
@@ -35,6 +36,9 @@ from pretrain.models.vit import VisionTransformer, ViTConfig
 
 OWN_FORMAT = "lvdflow-vit"
 OWN_VERSION = 1
+# The `extra` key of this project's exports holding the resolution the run evaluated at (its
+# `eval_image_size or global_crops_size`): what `lvdflow eval` uses when no size is given.
+EVAL_IMAGE_SIZE_KEY = "eval_image_size"
 
 _WRAPPERS = ("teacher", "student", "model", "state_dict", "model_state_dict")
 _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.*)$")
@@ -74,20 +78,21 @@ def _why(exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {text[:300]}"
 
 
-def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """(flat tensor dict, own config or None) from whatever torch.load returned."""
+def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """(flat tensor dict, own config or None, own extra metadata or {}) from whatever torch.load returned."""
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
     if obj.get("format") == OWN_FORMAT:
         if obj.get("version") != OWN_VERSION:
             raise UserError(f"{path}: {OWN_FORMAT} version {obj.get('version')} is not supported")
-        return dict(obj["model"]), dict(obj["config"])
+        extra = obj.get("extra")
+        return dict(obj["model"]), dict(obj["config"]), dict(extra) if isinstance(extra, dict) else {}
     if not any(isinstance(v, Tensor) for v in obj.values()):
         for key in _WRAPPERS:
             if isinstance(obj.get(key), dict):
                 return _unwrap(obj[key], path)
         raise UserError(f"{path}: no tensors and none of the wrapper keys {_WRAPPERS} found")
-    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}, None
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}, None, {}
 
 
 def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -225,20 +230,22 @@ def load_state_dict_any(path: str | Path) -> tuple[dict[str, Tensor], dict[str, 
     """Read a checkpoint of any supported layout -> (state dict in the official layout, info).
 
     info: {"format": "lvdflow"|"official"|"timm", "config": dict or None (own format only),
-    "interpolate_offset", "interpolate_antialias"}.
+    "extra": the own format's metadata ({} for the others), "interpolate_offset", "interpolate_antialias"}.
     """
     path = Path(path)
-    sd, own_config = _unwrap(_read_file(path), path)
+    sd, own_config, extra = _unwrap(_read_file(path), path)
     if own_config is not None:
-        return sd, {"format": "lvdflow", "config": own_config}
+        return sd, {"format": "lvdflow", "config": own_config, "extra": extra}
     sd = _unchunk(_strip_prefixes(sd))
     if _is_timm(sd):
-        return _from_timm(sd), {"format": "timm", "config": None, "interpolate_offset": 0.0, "interpolate_antialias": True}
+        return _from_timm(sd), {"format": "timm", "config": None, "extra": {}, "interpolate_offset": 0.0,
+                                "interpolate_antialias": True}
     regs = "register_tokens" in sd
     # DINOv2 hub rule: plain models were released with the legacy offset, register models without it.
     return sd, {
         "format": "official",
         "config": None,
+        "extra": {},
         "interpolate_offset": 0.0 if regs else 0.1,
         "interpolate_antialias": regs,
     }
@@ -251,6 +258,13 @@ def load_backbone(
 
     `overrides` set ViTConfig fields the weights cannot show (e.g. drop_path_rate for fine-tuning).
     """
+    return load_backbone_and_info(path, num_heads, **overrides)[0]
+
+
+def load_backbone_and_info(
+    path: str | Path, num_heads: int | None = None, **overrides: Any
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """`load_backbone` plus the file's info (`load_state_dict_any`: format, config, extra metadata)."""
     sd, info = load_state_dict_any(path)
     if info["config"] is not None:
         cfg = ViTConfig.from_dict(info["config"])
@@ -262,7 +276,7 @@ def load_backbone(
         cfg = infer_config(sd, num_heads=num_heads, **{**interp, **overrides})
     model = VisionTransformer(cfg)
     load_weights_strict(model, sd, source=f"{path} ({info['format']} layout)")
-    return model.eval()
+    return model.eval(), info
 
 
 # ---- writing -----------------------------------------------------------------------------------------
@@ -273,7 +287,8 @@ def _cpu_state_dict(model: VisionTransformer) -> dict[str, Tensor]:
 def save_backbone(model: VisionTransformer, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """This project's backbone file: config + weights (official key names), loadable with weights_only.
 
-    `extra` may hold plain metadata (numbers, strings, lists, dicts of those), e.g. the training step.
+    `extra` may hold plain metadata (numbers, strings, lists, dicts of those), e.g. the training step and
+    `EVAL_IMAGE_SIZE_KEY`. It stays outside the weights: `export_official` files never carry it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
