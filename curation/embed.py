@@ -393,8 +393,21 @@ class EmbedUnitSpec:
     max_pixels: int
 
 
-@lru_cache(maxsize=1)
+def _file_stamp(path: str | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def _unit_inputs(spec: EmbedUnitSpec) -> tuple[VisionTransformer, pa.Table]:
+    # The files' stamps join the key: a long-lived worker (Dask, Ray) embedding again at the same paths, after
+    # a new ingest or retrained weights, must not reuse the model and table it loaded for the last job.
+    return _cached_unit_inputs(spec, _file_stamp(spec.manifest), _file_stamp(spec.weights))
+
+
+@lru_cache(maxsize=1)
+def _cached_unit_inputs(spec: EmbedUnitSpec, *stamps: tuple[int, int] | None) -> tuple[VisionTransformer, pa.Table]:
     # Once per worker process and job, not once per shard: a ViT-H checkpoint is 2.5 GB to read.
     model = build_embedder(spec.weights, arch=spec.arch, patch_size=spec.patch_size, img_size=spec.img_size,
                            num_heads=spec.num_heads, allow_random_init=spec.allow_random_init, seed=spec.seed,

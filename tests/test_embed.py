@@ -209,6 +209,23 @@ def test_leftover_of_another_job_is_discarded(tmp_path, weights):
     assert m["digest"] == fresh["digest"]
 
 
+def test_a_worker_reloads_files_rewritten_at_the_same_paths(tmp_path, monkeypatch):
+    """A long-lived Dask/Ray worker embedding again at the same paths (new manifest, retrained weights)."""
+    import curation.embed as ce
+
+    monkeypatch.setattr(ce, "build_embedder", lambda weights, **kw: Path(weights).read_text())
+    monkeypatch.setattr(ce, "read_manifest_table", lambda path: Path(path).read_text())
+    manifest, weights = tmp_path / "manifest.parquet", tmp_path / "weights.pt"
+    spec = ce.EmbedUnitSpec(str(manifest), str(weights), "vit_tiny", 16, 32, None, False, 0, "cpu",
+                            str(tmp_path / "work"), 2, 2, 0, False, False, 1 << 20)
+    manifest.write_text("manifest 1")
+    weights.write_text("weights 1")
+    assert ce._unit_inputs(spec) == ("weights 1", "manifest 1")
+    manifest.write_text("manifest 2 (longer)")
+    weights.write_text("weights 2 (longer)")
+    assert ce._unit_inputs(spec) == ("weights 2 (longer)", "manifest 2 (longer)")
+
+
 def test_dataset_reports_reasons_instead_of_raising(tmp_path):
     ds = ManifestImages(crop=32)
     i, img, reason = ds[(0, str(tmp_path / "nope.png"), None)]
