@@ -253,6 +253,22 @@ def test_config_profile_and_errors(tmp_path):
         load_teacher(tmp_path)
 
 
+def test_distillation_lr_peaks_at_the_papers_1e3_at_batch_2048_and_the_demo_keeps_its_own():
+    """Table 16 lists LRs after the sqrt batch rule: distilled S/B/L peak at 1e-3 at batch 2048."""
+    from pretrain.config import profile_path
+
+    lr, sched = lr_and_schedules(DistillConfig(), 2048)
+    assert lr == pytest.approx(1e-3)
+    prod = load_distill_config(profile_path("distill_vitl_to_vits"))
+    lr, sched = lr_and_schedules(prod, 2048)
+    assert lr == pytest.approx(1e-3)
+    assert (prod.total_iters, prod.warmup_iters) == (625_000, 100_000)
+    assert sched.at(prod.warmup_iters)["lr"] == pytest.approx(1e-3, rel=1e-4)
+    demo = load_distill_config(profile_path("distill_demo"))
+    assert (demo.base_lr, demo.lr_scaling) == (2e-3, "none")  # the figures in bench/results/distill_demo*.json
+    assert lr_and_schedules(demo, 32 * 4)[0] == 2e-3
+
+
 def test_resume_with_other_students_is_refused(teacher_run, tmp_path):
     distill(dcfg(total_iters=2, checkpoint_every=1, stop_after=1), tmp_path, teacher=teacher_run,
             dataset=ListStream(toy_images(8)))

@@ -1,9 +1,11 @@
 """Distillation configuration: the trainer's `TrainConfig` plus the students and the masking flag.
 
 Every training key (crops, schedules, losses, checkpoints) means what it means for pretraining, with the
-defaults the DINOv2 paper uses for distillation (App. B.1, Table 16): no stochastic depth, LR 1e-3,
-weight decay 0.04 -> 0.2, EMA momentum 0.994 -> 1 (here the momentum of the students' EMA copies, which
-are the final models), and no masking.
+defaults the DINOv2 paper uses for distillation (App. B.1, Table 16): no stochastic depth, LR 1e-3 at
+batch 2048, weight decay 0.04 -> 0.2, EMA momentum 0.994 -> 1 (here the momentum of the students' EMA
+copies, which are the final models), and no masking. Table 16's LRs are after the sqrt batch rule (its
+3.5e-4 at batch 3072 is the vitl14 config's 2e-4 x sqrt(3)): `base_lr` (per 1024 images) is 1e-3 /
+sqrt(2), so the rule's peak at batch 2048 is 1e-3.
 
 Students are a list: each entry a preset name of pretrain/models/vit.py (`vit_tiny`) or a mapping
 `{arch, name?, embed_dim?, depth?, num_heads?}`. The shared `patch_size`, `img_size`, `ffn_layer`,
@@ -15,6 +17,7 @@ list means one student of `arch`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ class DistillConfig(TrainConfig):
     # Paper defaults for distillation, overriding the pretraining ones.
     arch: str = "vit_small"
     drop_path_rate: float = 0.0
-    base_lr: float = 1e-3
+    base_lr: float = 1e-3 / math.sqrt(2)  # peak 1e-3 at the paper's batch of 2048 (sqrt_wrt_1024)
     weight_decay_end: float = 0.2
     momentum_teacher: float = 0.994  # of the students' EMA copies
     # --- distillation --------------------------------------------------------------------------------
