@@ -70,8 +70,9 @@ def make_task_runner(cfg: RunnerConfig):
             from prefect_ray import RayTaskRunner
         except ImportError:
             raise UserError("runner kind 'ray' needs prefect-ray: pip install -e '.[ray]'") from None
-        return RayTaskRunner(address=cfg.address,
-                             init_kwargs={"runtime_env": {"env_vars": _worker_env()}, "num_cpus": workers})
+        if cfg.address:  # a running cluster: ray.init refuses num_cpus there, its workers are set up already
+            return RayTaskRunner(address=cfg.address)
+        return RayTaskRunner(init_kwargs={"runtime_env": {"env_vars": _worker_env()}, "num_cpus": workers})
     raise UserError(f"unknown runner kind {cfg.kind!r}")
 
 
