@@ -129,13 +129,15 @@ class TrainingProgress:
             return None
 
     def _run(self) -> None:
-        ctx = copy_context()  # the task run's context, so artifacts attach to it
         while not self._stop.wait(self.every):
             it = self._last_iteration()
             if it is not None:
-                ctx.run(self.progress, it, self.total)
+                self._context.run(self.progress, it, self.total)
 
     def __enter__(self) -> "TrainingProgress":
+        # Copied here, in the task's thread: a new thread starts with an empty context, and an artifact made
+        # there would belong to no task or flow run.
+        self._context = copy_context()
         self._thread.start()
         return self
 
