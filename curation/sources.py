@@ -8,6 +8,7 @@ is yielded already carrying its quarantine reason, so nothing is dropped silentl
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import stat
 import tarfile
@@ -174,6 +175,31 @@ def _list_paths(path: Path) -> list[str]:
     return [r[0] if r else "" for r in rows]  # no header: the first column holds paths
 
 
+def _listed_path(entry: str, base: Path) -> Path:
+    """The absolute path a list entry names; a relative one is relative to the list's folder."""
+    p = Path(entry.removeprefix("file://"))
+    return Path(os.path.abspath(p if p.is_absolute() else base / p))
+
+
+def listed_files_fingerprint(path: Path) -> str:
+    """Path, size and mtime of every local file a list source names, in list order (a missing one as such).
+
+    A list's own bytes stay the same when an image it names is replaced; cache keys add this to see that."""
+    base = Path(path).resolve().parent
+    h = hashlib.sha256()
+    for raw in _list_paths(Path(path)):
+        entry = raw.strip() if isinstance(raw, str) else ""
+        if not entry or ("://" in entry and not entry.startswith("file://")):
+            continue  # nothing on this machine behind it: the list's own bytes say all there is
+        p = _listed_path(entry, base)
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return "listed:" + h.hexdigest()
+
+
 def iter_list(path: Path, stats: dict[str, int]) -> Iterator[Item]:
     base = path.resolve().parent
     seen: set[str] = set()
@@ -188,9 +214,7 @@ def iter_list(path: Path, stats: dict[str, int]) -> Iterator[Item]:
                        detail="remote URLs are not downloaded by ingest; fetch them first (e.g. img2dataset)")
             continue
         entry = entry.removeprefix("file://")
-        p = Path(entry)
-        p = p if p.is_absolute() else base / p
-        p_abs = Path(os.path.abspath(p))
+        p_abs = _listed_path(entry, base)
         key = str(p_abs)
         if key in seen:
             yield Item(key, key, None, entry, reason="duplicate-entry", detail=f"listed again at row {i}")

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from prefect import flow, get_run_logger, task
+from prefect.context import TaskRunContext
 
 from curation.decode import DEFAULT_MAX_PIXELS
 from curation.ingest import BATCH, run_ingest
+from curation.sources import LIST_SUFFIXES, listed_files_fingerprint
 from flows.caching import STAGE_RETRIES, run_stage, stage_cache_key
 from flows.reporting import stage_table
 from flows.runners import RunnerConfig, unit_executor
+from lvdflow.errors import UserError
 
 
-@task(name="ingest", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
+def _listed(source: str) -> str | None:
+    if not (source.lower().endswith(LIST_SUFFIXES) and Path(source).is_file()):
+        return None
+    try:
+        return listed_files_fingerprint(Path(source))
+    except UserError:  # an unreadable list: the stage itself reports it
+        return "unreadable"
+
+
+def ingest_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+    """stage_cache_key, plus the files each list source names: an image replaced at a listed path leaves the
+    list's own bytes (all that the generic key sees) unchanged."""
+    listed = [_listed(str(s)) for s in params.get("sources") or ()]
+    if any(listed):  # without list sources the key stays what it was
+        params = {**params, "listed_files": listed}
+    return stage_cache_key(ctx, params)
+
+
+@task(name="ingest", cache_key_fn=ingest_cache_key, persist_result=True, **STAGE_RETRIES)
 def ingest_task(sources: list[str], out: str, workers: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 16, batch_size: int = BATCH,
                 runner: dict | None = None) -> dict:

@@ -80,3 +80,33 @@ def test_pretrain_key_changes_when_its_profile_file_is_edited(tmp_path, monkeypa
     with open(profiles / "demo.yaml", "a") as f:
         f.write("\n# edited\n")
     assert key() != before
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_ingest_key_follows_the_images_a_list_source_names(tmp_path, kind):
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flows.ingest import ingest_task
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x" * 10)
+    listing = tmp_path / f"list.{kind}"
+    if kind == "csv":
+        listing.write_text("path\na.png\nlater.png\n")
+    else:
+        pq.write_table(pa.table({"uri": [str(image), str(tmp_path / "later.png")]}), listing)
+
+    def key() -> str:  # the key function the task is decorated with
+        params = {"sources": [str(listing)], "out": str(tmp_path / "out"), "workers": 0}
+        return ingest_task.cache_key_fn(SimpleNamespace(task=ingest_task), params)
+
+    first = key()
+    assert key() == first
+    image.write_bytes(b"y" * 20)  # replaced behind the same listed path: the list file is unchanged
+    second = key()
+    assert second != first
+    (tmp_path / "later.png").write_bytes(b"z")  # a listed file that was missing appears
+    assert key() != second
