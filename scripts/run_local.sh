@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main command: a local Prefect server (SQLite, 127.0.0.1 only) -> work pool -> deployments
 # -> worker -> `prefect deployment run 'curate-and-pretrain/local'`, waiting for the result.
-# Extra arguments go to `prefect deployment run` (e.g. --param demo_size=small --param refresh='["ingest"]').
+# Extra arguments go to `prefect deployment run`, e.g. --param overrides='{"demo_size": "tiny"}' (profile
+# fields change through `overrides`) --param refresh='["ingest"]'.
 # The server keeps running afterwards so the UI can be browsed; `make stop` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
