@@ -1,7 +1,8 @@
 """The `curate-and-pretrain` DAG and its `curate` part: every stage in order, each cached across runs.
 
-    curate:  [demo-data] -> ingest (pool, queries) -> dedup (candidates, then decision + decontamination) -> select
-             -> [bootstrap embedder: shard queries -> pretrain] -> embed (pool, queries) -> retrieve -> shard
+    curate:  [demo-data] -> ingest (pool, each query set) -> dedup (candidates, then decision + decontamination)
+             -> select -> [bootstrap embedder: shard the queries -> pretrain] -> embed (pool, each query set)
+             -> retrieve (each query set by its own size) -> shard
     curate-and-pretrain:  curate -> pretrain -> distill -> evaluate
 
 Each stage is a subflow over one cached task, dedup over two (see flows/caching.py): a second run of the
@@ -11,6 +12,7 @@ of it (their inputs' fingerprints change), and `refresh` names stages to rerun r
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -42,6 +44,21 @@ def _embed(manifest_dir: str, weights: str, out: Path, cfg: PipelineConfig, refr
                       num_workers=e.num_workers, device=e.device, runner=cfg.runner, refresh=refresh)
 
 
+def query_set_names(sources: list[str]) -> list[str]:
+    """A folder-safe name per curated query source (its folder or file name), unique in the list: each set
+    is ingested, embedded and retrieved for on its own, as its size chooses its retrieval mode."""
+    names: list[str] = []
+    for src in sources:
+        p = Path(src)
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", (p.name if p.is_dir() else p.stem) or "queries").strip("-.")
+        name, n = base or "queries", 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
 @flow(name="curate", log_prints=True)
 def curate(config: PipelineConfig, refresh: list[str] | None = None) -> dict:
     """Curate the pool into WebDataset shards; returns every stage's small manifest by stage name."""
@@ -60,7 +77,10 @@ def curate(config: PipelineConfig, refresh: list[str] | None = None) -> dict:
         eval_test = eval_test or str(d / demo["outputs"]["eval_test"])
 
     stages["ingest"] = _ingest(pool, root / "ingest", cfg, refresh)
-    stages["ingest-queries"] = _ingest(queries, root / "ingest-queries", cfg, refresh)
+    query_sets = dict(zip(query_set_names(queries), queries))
+    for name, src in query_sets.items():
+        stages[f"ingest-queries/{name}"] = _ingest([src], root / "ingest-queries" / name, cfg, refresh)
+    query_ingests = [stages[f"ingest-queries/{name}"]["dir"] for name in query_sets]
 
     dd = cfg.dedup
     references = []
@@ -84,18 +104,20 @@ def curate(config: PipelineConfig, refresh: list[str] | None = None) -> dict:
     weights = cfg.embed.weights
     if not weights:
         # No embedder checkpoint can be downloaded here: pretrain a small one on the curated queries.
-        stages["bootstrap-shards"] = shard_flow(source=stages["ingest-queries"]["dir"],
-                                                out=str(root / "bootstrap-shards"), refresh=refresh)
+        stages["bootstrap-shards"] = shard_flow(source=query_ingests, out=str(root / "bootstrap-shards"),
+                                                refresh=refresh)
         stages["bootstrap"] = pretrain_flow(shards=stages["bootstrap-shards"]["dir"], out=str(root / "bootstrap"),
                                             config=cfg.embed.bootstrap_config,
                                             overrides=cfg.embed.bootstrap_overrides, refresh=refresh)
         weights = str(Path(stages["bootstrap"]["dir"]) / stages["bootstrap"]["outputs"]["teacher"])
 
     stages["embed"] = _embed(pool_manifest, weights, root / "embed-pool", cfg, refresh)
-    stages["embed-queries"] = _embed(stages["ingest-queries"]["dir"], weights, root / "embed-queries", cfg, refresh)
+    for name, ingested in zip(query_sets, query_ingests):
+        stages[f"embed-queries/{name}"] = _embed(ingested, weights, root / "embed-queries" / name, cfg, refresh)
     r = cfg.retrieve
     stages["retrieve"] = retrieve_flow(
-        pool_embeddings=stages["embed"]["dir"], query_embeddings=[stages["embed-queries"]["dir"]],
+        pool_embeddings=stages["embed"]["dir"],
+        query_embeddings=[stages[f"embed-queries/{name}"]["dir"] for name in query_sets],
         pool_manifest=str(Path(pool_manifest) / "manifest.parquet"), out=str(root / "retrieve"), runner=cfg.runner,
         refresh=refresh,
         params={"mode": r.mode, "k": r.k, "sample_threshold": r.sample_threshold, "n_clusters": r.n_clusters,

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -111,6 +111,31 @@ def read_input_table(path: str | os.PathLike) -> pa.Table:
     if missing:
         raise UserError(f"{p} lacks column(s) {missing}: give a retrieve or ingest output")
     return table
+
+
+def _input_list(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    paths = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
+    if not paths:
+        raise UserError("no input tables given")
+    return paths
+
+
+def read_input_tables(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[pa.Table, int]:
+    """The rows of one or several input tables (e.g. one ingest output per curated query set), in order;
+    a row whose id an earlier table already holds (the same file in two sets) is dropped, and counted."""
+    tables = [read_input_table(p) for p in _input_list(inputs)]
+    if len(tables) == 1:
+        return tables[0], 0
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise UserError(f"the input tables cannot be sharded together (their columns differ): {exc}") from None
+    seen: set[str] = set()
+    keep = []
+    for i in table["id"].to_pylist():
+        keep.append(i not in seen)
+        seen.add(i)
+    return table.filter(pa.array(keep)), table.num_rows - sum(keep)
 
 
 def _blur_hook() -> Callable | None:
@@ -238,7 +263,7 @@ def _reuse_published(out: Path, work: Path) -> None:
 
 
 def run_shard(
-    retrieved_or_manifest: str | os.PathLike,
+    retrieved_or_manifest: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
     max_count: int = 10_000,
@@ -248,7 +273,7 @@ def run_shard(
     progress: Callable[[int], None] | None = None,
     map_units: MapUnits | None = None,
 ) -> dict:
-    """Write the rows of a retrieve or ingest output as WebDataset shards under `out`.
+    """Write the rows of a retrieve or ingest output (or of several, concatenated) as WebDataset shards under `out`.
 
     `max_count` / `max_bytes` bound each shard (bytes are planned from the manifest's `bytes` column, the
     original file sizes, plus a per-sample tar overhead). `mtime` is the time stamp stored in the tars:
@@ -260,7 +285,8 @@ def run_shard(
     if max_count < 1 or max_bytes < 1:
         raise UserError("max_count and max_bytes must be positive")
     out = Path(out)
-    table = read_input_table(retrieved_or_manifest)
+    inputs = _input_list(retrieved_or_manifest)
+    table, repeated = read_input_tables(inputs)
     has_faces = "faces" in table.column_names and bool(pc.max(pc.list_value_length(table["faces"])).as_py() or 0)
     blur = _blur_hook() if has_faces else None
     if has_faces and blur is None:
@@ -279,7 +305,7 @@ def run_shard(
 
     results: list[ShardResult] = []
     if map_units is not None:
-        unit = partial(write_planned_shard, str(retrieved_or_manifest), str(work), plan, has_faces, mtime)
+        unit = partial(write_planned_shard, inputs, str(work), plan, has_faces, mtime)
         results = map_units(unit, list(range(len(plan))))
     else:
         def one(i: int) -> ShardResult:
@@ -300,6 +326,7 @@ def run_shard(
         reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
     stats = {
         "inputs": table.num_rows,
+        "repeated_inputs": repeated,  # rows of a later input table whose id an earlier one holds
         "samples": index.num_rows,
         "shards": len(plan),
         "shards_skipped": sum(r.skipped for r in results),
@@ -315,7 +342,8 @@ def run_shard(
     manifest = {
         "stage": "shard",
         "params": {"max_count": max_count, "max_bytes": max_bytes, "mtime": mtime},
-        "counts": {k: stats[k] for k in ("inputs", "samples", "shards", "shards_skipped", "errors", "blurred")},
+        "counts": {k: stats[k] for k in ("inputs", "repeated_inputs", "samples", "shards", "shards_skipped",
+                                         "errors", "blurred")},
         "error_reasons": reasons,
         "outputs": {"index": INDEX, "errors": ERRORS, "stats": STATS, "pattern": "{shard:06d}.tar"},
         "digest": file_digest(work / INDEX),
@@ -324,18 +352,23 @@ def run_shard(
 
 
 @lru_cache(maxsize=2)
-def _cached_input_table(path: str, stamp: tuple) -> pa.Table:
-    return read_input_table(path)
+def _cached_input_table(paths: tuple[str, ...], stamp: tuple) -> pa.Table:
+    return read_input_tables(paths)[0]
 
 
-def write_planned_shard(source: str, work: str, plan: list[tuple[int, int]], has_faces: bool, mtime: float,
-                        shard: int) -> ShardResult:
-    """One unit of `run_shard` for another process: reads the input table (once per process), writes shard
+def _stamp(path: str) -> tuple:
+    p = Path(path)
+    if p.is_dir():
+        return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(p.glob("*.parquet")))
+    return (p.stat().st_mtime_ns, p.stat().st_size)
+
+
+def write_planned_shard(sources: str | list[str], work: str, plan: list[tuple[int, int]], has_faces: bool,
+                        mtime: float, shard: int) -> ShardResult:
+    """One unit of `run_shard` for another process: reads the input tables (once per process), writes shard
     `shard` of `plan` into `work`."""
-    p = Path(source)
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(p.glob("*.parquet"))) if p.is_dir() \
-        else (p.stat().st_mtime_ns, p.stat().st_size)
-    table = _cached_input_table(source, stamp)
+    paths = tuple(_input_list(sources))
+    table = _cached_input_table(paths, tuple(_stamp(p) for p in paths))
     s, e = plan[shard]
     return write_shard(Path(work), shard, table.slice(s, e - s).to_pylist(), blur=_blur_hook() if has_faces else None,
                        mtime=mtime)
