@@ -29,13 +29,13 @@ CODE_VERSION: dict[str, str] = {
     "dedup": "3",  # 2: built-in descriptor, two keypoint scales; 3: the decision alone, candidates apart
     "select": "1",
     "embed": "3",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged)
-    "retrieve": "1",
+    "retrieve": "2",  # 2: hierarchical k-means resampling steps restart k-means (they did nothing before)
     "shard": "1",
     # pretrain and distill 3: prototypes frozen by lr alone (AdamW sees their gradients), crops normalised on
     # device, the official vitl14 profile, a bootstrap profile that does not collapse
     "pretrain": "3",  # 2: teacher_checkpoint.pth carries the loss centres
-    "distill": "3",  # 2: demo student without LayerScale, CLS feature loss, teacher centres
-    "evaluate": "1",
+    "distill": "3",  # 2: demo student without LayerScale, CLS feature loss, teacher centres; 3: + lr 1e-3/sqrt(2)
+    "evaluate": "2",  # 2: default size the run's evaluation size (or min(224, grid)), not the 518 px grid
 }
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:

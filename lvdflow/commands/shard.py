@@ -7,9 +7,9 @@ import argparse
 from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, runner_config
 
 NAME = "shard"
-HELP = ("Write the images of a retrieve output (or an ingest manifest) as WebDataset shards OUT/{shard:06d}.tar "
-        "with their original bytes and a json per sample, a parquet index per shard and for the dataset, "
-        "errors.parquet and stats.json. A rerun skips shards that are already complete.")
+HELP = ("Write the images of a retrieve output (or of ingest manifests, concatenated) as WebDataset shards "
+        "OUT/{shard:06d}.tar with their original bytes and a json per sample, a parquet index per shard and for "
+        "the dataset, errors.parquet and stats.json. A rerun skips shards that are already complete.")
 
 
 def _count(value: str) -> int:
@@ -20,7 +20,8 @@ def _count(value: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="retrieve output (retrieved.parquet), ingest output (manifest.parquet) or a parquet file")
+    p.add_argument("source", nargs="+", help="retrieve output (retrieved.parquet), ingest output (manifest.parquet) or "
+                   "a parquet file; several are concatenated (a row whose id an earlier one holds is dropped)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
     p.add_argument("--max-count", type=_count, default=10_000, help="samples per shard (default: %(default)s)")
     p.add_argument("--max-bytes", type=_count, default=1 << 30, help="bytes per shard, e.g. 1e9 (default: %(default)s)")
@@ -32,12 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from shards.writer import read_input_table
 
-    source = existing_path(args.source, "source")
-    read_input_table(source)  # a folder without a manifest fails here, in one line
+    sources = [existing_path(s, "source") for s in args.source]
+    for source in sources:
+        read_input_table(source)  # a folder without a manifest fails here, in one line
     out = output_dir(args.out)
     from flows.shard import shard_flow
 
-    print_result(shard_flow(source=str(source), out=str(out), max_count=args.max_count, max_bytes=args.max_bytes,
+    source = str(sources[0]) if len(sources) == 1 else [str(s) for s in sources]
+    print_result(shard_flow(source=source, out=str(out), max_count=args.max_count, max_bytes=args.max_bytes,
                             workers=args.workers, runner=runner_config(args),
                             refresh=["shard"] if args.refresh else None))
     return 0
