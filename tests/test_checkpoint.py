@@ -194,3 +194,19 @@ def test_unreadable_checkpoint_names_its_cause_on_one_line(tmp_path, content, ca
     with pytest.raises(UserError, match=cause) as err:
         load_backbone(tmp_path / "x.pth")
     assert "\n" not in str(err.value)
+
+
+def test_timm_vit_huge_file_gets_timms_16_heads(tmp_path):
+    # timm's ViT-H/14 has 16 heads of 80; width/64 would build 20 heads of 64 from the same tensors, load
+    # without error and give other features.
+    torch.manual_seed(0)
+    ref = build_vit("vit_tiny", embed_dim=1280, depth=1, num_heads=16, patch_size=14, img_size=28).eval()
+    timm = {k: v for k, v in ref.state_dict().items() if k != "mask_token"}
+    save_file(timm, str(tmp_path / "vit_huge.safetensors"))
+    m = load_backbone(tmp_path / "vit_huge.safetensors")
+    assert m.config.num_heads == 16
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(features(m, x)["x_norm_clstoken"], features(ref, x)["x_norm_clstoken"])
+    assert load_backbone(tmp_path / "vit_huge.safetensors", num_heads=20).config.num_heads == 20  # given wins
+    torch.save(ref.state_dict(), tmp_path / "hub.pth")  # the DINOv2 layout keeps width/64 (its vit_huge2: 20)
+    assert load_backbone(tmp_path / "hub.pth").config.num_heads == 20

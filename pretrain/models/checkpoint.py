@@ -15,7 +15,7 @@
 The architecture comes from the tensor shapes: width from `cls_token`, patch size from the patch
 projection, depth from the block indices, FFN kind and width from the first block, register count, grid
 from the position embedding. The head count cannot be seen in the weights: it defaults to width/64 (all
-DINOv2 sizes) and can be given (`num_heads=16` for timm's ViT-H/14). Position-embedding resampling follows
+DINOv2 sizes), to timm's 16 for timm files of ViT-H/g/G widths (TIMM_HEADS), and can be given. Position-embedding resampling follows
 the source: official plain models use DINOv2's legacy offset 0.1 without antialiasing, official register
 models and timm models size-based bicubic with antialiasing, own checkpoints what their config says.
 
@@ -35,6 +35,10 @@ from lvdflow.errors import UserError
 from pretrain.models.vit import VisionTransformer, ViTConfig
 
 OWN_FORMAT = "lvdflow-vit"
+# timm's ViTs have 64-dim heads except its huge, giant and gigantic widths, 16 heads each (vit_huge_patch14_*,
+# vit_giant_patch14_224, vit_gigantic_patch14_224); its DINOv2 ports keep DINOv2's 64 (1536 -> 24). A wrong
+# head count loads without error and gives other features, so timm files default to timm's own counts.
+TIMM_HEADS = {1280: 16, 1408: 16, 1664: 16}
 OWN_VERSION = 1
 # The `extra` key of this project's exports holding the resolution the run evaluated at (its
 # `eval_image_size or global_crops_size`): what `lvdflow eval` uses when no size is given.
@@ -273,6 +277,8 @@ def load_backbone_and_info(
         cfg = ViTConfig(**{**cfg.to_dict(), **overrides})
     else:
         interp = {k: info[k] for k in ("interpolate_offset", "interpolate_antialias")}
+        if num_heads is None and info["format"] == "timm" and "cls_token" in sd:
+            num_heads = TIMM_HEADS.get(sd["cls_token"].shape[-1])
         cfg = infer_config(sd, num_heads=num_heads, **{**interp, **overrides})
     model = VisionTransformer(cfg)
     load_weights_strict(model, sd, source=f"{path} ({info['format']} layout)")
