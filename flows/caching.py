@@ -28,7 +28,8 @@ CODE_VERSION: dict[str, str] = {
     "dedup-candidates": "2",  # 2: input fingerprints in the manifest, checked by the decision
     "dedup": "3",  # 2: built-in descriptor, two keypoint scales; 3: the decision alone, candidates apart
     "select": "1",
-    "embed": "3",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged)
+    "embed": "4",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged);
+    # 4: timm ViT-H/g/G files with timm's 16 heads
     "retrieve": "2",  # 2: hierarchical k-means resampling steps restart k-means (they did nothing before)
     "shard": "1",
     # pretrain and distill 3: prototypes frozen by lr alone (AdamW sees their gradients), crops normalised on
