@@ -20,9 +20,13 @@ import pyarrow.parquet as pq
 
 from lvdflow.errors import UserError
 
+# Names that hold an image, decodable here or not: a tar member by any other name is a WebDataset side file
+# (.json, .txt, .cls). Formats Pillow cannot open (HEIC, JPEG XL, SVG) are listed so that such members are
+# quarantined with their reason rather than counted as side files and lost.
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".ico",
-    ".jp2", ".jfif", ".tga",
+    ".jp2", ".jfif", ".tga", ".avif", ".qoi", ".psd", ".dds", ".pcx", ".sgi", ".icns", ".heic", ".heif", ".jxl",
+    ".svg",
 }
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 LIST_SUFFIXES = (".parquet", ".csv")

@@ -24,7 +24,7 @@ from lvdflow.stage import fingerprint, is_complete, read_manifest
 # Bump a stage's version when its library code changes what it writes.
 CODE_VERSION: dict[str, str] = {
     "demo-data": "1",
-    "ingest": "1",
+    "ingest": "2",  # 2: tar members named .avif/.heic/.jxl/... are images (kept or quarantined), not side files
     "dedup-candidates": "2",  # 2: input fingerprints in the manifest, checked by the decision
     "dedup": "3",  # 2: built-in descriptor, two keypoint scales; 3: the decision alone, candidates apart
     "select": "1",

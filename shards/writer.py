@@ -48,7 +48,7 @@ SAMPLE_OVERHEAD = 2048
 
 # PIL format name -> the extension webdataset decoders know.
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
-              "PPM": "ppm", "PGM": "pgm", "PBM": "pbm", "ICO": "ico", "JPEG2000": "jp2"}
+              "PPM": "ppm", "PGM": "pgm", "PBM": "pbm", "ICO": "ico", "JPEG2000": "jp2", "AVIF": "avif"}
 
 SHARD_INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("id", pa.string()), ("uri", pa.string()), ("ext", pa.string()),

@@ -101,10 +101,12 @@ def corpus(tmp_path_factory) -> dict:
         _add_member(tf, "../evil.jpg", jpeg)
         _add_member(tf, "link.jpg", symlink_to="/etc/passwd")
         _add_member(tf, "s3.jpg", b"")
+        _add_member(tf, "s4.avif", _enc(_img(seed=16), "AVIF"))  # not a side file: an image Pillow decodes
+        _add_member(tf, "s5.heic", os.urandom(500))  # an image this machine cannot open: quarantined, not lost
     t = str(tar_path.resolve())
-    good.update({f"{t}!/s1.jpg": None, f"{t}!/s2.png": None})
+    good.update({f"{t}!/s1.jpg": None, f"{t}!/s2.png": None, f"{t}!/s4.avif": None})
     bad.update({f"{t}!//etc/evil.jpg": "unsafe-tar-path", f"{t}!/../evil.jpg": "unsafe-tar-path",
-                f"{t}!/link.jpg": "tar-link-member", f"{t}!/s3.jpg": "zero-byte"})
+                f"{t}!/link.jpg": "tar-link-member", f"{t}!/s3.jpg": "zero-byte", f"{t}!/s5.heic": "not-an-image"})
 
     broken_tar = root / "broken.tar"
     broken_tar.write_bytes(tar_path.read_bytes()[:700])  # cut inside the second member
