@@ -94,6 +94,16 @@ def test_keep_rule_largest_then_first_seen_and_reasons():
     assert d.group_size.tolist()[:5] == [4, 4, 4, 4, 1]
 
 
+def test_an_image_linked_only_through_its_exact_twin_names_the_twins_copy():
+    # 0 and 1 have the same pixels; only 1 has a copy edge (to 2, which is kept as the largest). 0 is the
+    # first of its pixels, so it is no exact duplicate; it goes as a near copy of what its twin copies.
+    d = decide(["H", "H", "K"], np.array([100, 100, 200]), [None] * 3,
+               (np.array([1]), np.array([2]), np.array([0.9], np.float32)))
+    assert d.keep.tolist() == [False, False, True]
+    assert d.reason[0] == "near-copy" and d.matched[0] == 2 and d.score[0] == pytest.approx(0.9)
+    assert d.reason[1] == "exact-duplicate" and d.matched[1] == 0
+
+
 def test_decontamination_drops_whole_component():
     hashes = ["a", "b", "c", "d"]
     area = np.ones(4)

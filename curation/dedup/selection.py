@@ -77,9 +77,11 @@ def decide(hashes: list[str | None], area: np.ndarray, errors: list[str | None],
             if x not in best_edge or s > best_edge[x][0] or (s == best_edge[x][0] and y < best_edge[x][1]):
                 best_edge[x] = (s, y)
     first_with_hash: dict[str, int] = {}
+    with_hash: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(hashes):
         if h is not None:
             first_with_hash.setdefault(h, i)
+            with_hash[h].append(i)
 
     for i in range(n):
         if not valid[i]:
@@ -98,7 +100,9 @@ def decide(hashes: list[str | None], area: np.ndarray, errors: list[str | None],
         elif (min(i, k), max(i, k)) in direct:
             reason[i], matched[i], score[i] = "near-copy", k, direct[(min(i, k), max(i, k))]
         else:
-            s, j = best_edge[i]
+            # Its own best copy edge, or (joined only through an exact twin later in the order) the twin's.
+            linked = next((t for t in [i] + with_hash[hashes[i]] if t in best_edge), None)
+            s, j = best_edge[linked] if linked is not None else (float("nan"), k)
             reason[i], matched[i], score[i] = "near-copy", j, s
 
     if ref_hits is not None and len(ref_hits[0]):
