@@ -66,7 +66,9 @@ class ShardStream:
     """Adapter from shards.reader.ShardDataset to the stream protocol of BatchStream.
 
     Samples are marked consumed (`record`) as they are drawn, so the position saved with a checkpoint is
-    exactly the samples that went into trained batches; at the end of an epoch the next one starts.
+    exactly the samples that went into trained batches; at the end of an epoch the next one starts. The
+    reader splits each epoch by sample, the same count to every rank (its `drop_remainder`), so ranks that
+    draw equal batches go through their epochs in step and no epoch needs cutting short here.
     """
 
     def __init__(self, dataset):

@@ -95,3 +95,46 @@ def test_data_workers_setting(monkeypatch):
     assert 1 <= data_workers(-1) <= max(1, full)  # two local ranks share the CPUs
     monkeypatch.setattr(lvdflow.parts, "in_daemon_process", lambda: True)  # e.g. inside a Dask worker
     assert data_workers(-1) == 0 and data_workers(3) == 0
+
+
+def _one_shard(root, n: int) -> list[str]:
+    """One shard of n tiny PNGs, laid out as shards.writer writes them (tar + parquet index)."""
+    import hashlib
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from webdataset import TarWriter
+
+    root.mkdir(parents=True)
+    keys = []
+    with open(root / "000000.tar", "wb") as f:
+        tw = TarWriter(f, encoder=False)
+        for i in range(n):
+            b = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(b, "PNG")
+            keys.append(f"k{i:03d}")
+            tw.write({"__key__": keys[-1], "png": b.getvalue(),
+                      "json": json.dumps({"ext": "png", "sha256": hashlib.sha256(b.getvalue()).hexdigest()}).encode()})
+        tw.close()
+    pq.write_table(pa.table({"key": keys}), root / "000000.parquet")
+    return keys
+
+
+def test_two_ranks_train_from_one_shard_in_step(tmp_path):
+    """The reader splits by sample: one shard feeds two ranks, equal epochs, disjoint within each epoch."""
+    from pretrain.data import ShardStream
+    from shards.reader import ShardDataset
+
+    _one_shard(tmp_path / "s", 7)
+    streams = [ShardStream(ShardDataset(tmp_path / "s", rank=r, world_size=2, seed=0, decode="bytes"))
+               for r in range(2)]
+    for epoch in range(3):
+        got = [list(stream) for stream in streams]
+        assert [len(g) for g in got] == [3, 3]  # 7 // 2 each; the one left over is dropped this epoch
+        assert not set(got[0]) & set(got[1])
+        assert [s.dataset.epoch for s in streams] == [epoch + 1, epoch + 1]  # the ranks' epochs stay in step
+    batches = BatchStream(streams[1], batch_size=4, seed=0, rank=1)  # batches across epoch ends: no UserError
+    assert len([batches._next_sample() for _ in range(10)]) == 10

@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -173,7 +174,7 @@ def test_reader_decodes_and_verifies(shard_dir):
     assert np.array_equal(np.asarray(samples[0]["image"]), np.asarray(src))
 
 
-@pytest.mark.parametrize("world_size,num_workers", [(1, 2), (2, 2), (3, 1)])
+@pytest.mark.parametrize("world_size,num_workers", [(1, 2), (2, 2), (3, 1), (3, 2)])
 def test_rank_and_worker_split_covers_every_sample_once(shard_dir, world_size, num_workers):
     root, table = shard_dir
     keys = []
@@ -181,9 +182,142 @@ def test_rank_and_worker_split_covers_every_sample_once(shard_dir, world_size, n
         ds = ShardDataset(root, rank=rank, world_size=world_size, seed=7, shuffle_buffer=4, decode="bytes")
         ds.set_epoch(3)
         got = [k for b in DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=_collate, **_mp(num_workers)) for k in b["key"]]
-        assert len(got) == ds.samples_per_rank(3)[rank]
+        assert len(got) == ds.samples_per_rank(3)[rank] == 40 // world_size  # 3 ranks: 13 each, from shard slices
         keys += got
-    assert sorted(keys) == sorted(table["id"].to_pylist())
+    assert len(keys) == len(set(keys))
+    assert set(keys) <= set(table["id"].to_pylist()) and len(keys) == table.num_rows - table.num_rows % world_size
+
+
+def _write_shards(root: Path, sizes: list[int]) -> list[str]:
+    """Shards of the given sample counts, as the shard writer lays them out (tar + parquet index); the keys."""
+    import hashlib
+
+    from webdataset import TarWriter
+
+    root.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for s, n in enumerate(sizes):
+        rows = []
+        with open(root / f"{s:06d}.tar", "wb") as f:
+            tw = TarWriter(f, encoder=False)
+            for i in range(n):
+                b = io.BytesIO()
+                Image.new("RGB", (8, 8), (s * 40, i * 7, 0)).save(b, "PNG")
+                key = f"s{s}k{i:03d}"
+                tw.write({"__key__": key, "png": b.getvalue(),
+                          "json": json.dumps({"ext": "png", "sha256": hashlib.sha256(b.getvalue()).hexdigest()}).encode()})
+                rows.append({"key": key})
+            tw.close()
+        pq.write_table(pa.Table.from_pylist(rows), root / f"{s:06d}.parquet")
+        keys += [r["key"] for r in rows]
+    return keys
+
+
+def _read(ds: ShardDataset, workers: int, monkeypatch) -> list[list[str]]:
+    """Each DataLoader worker's keys, the workers run one after the other in this process."""
+    import shards.reader as reader
+
+    out = []
+    for w in range(workers):
+        monkeypatch.setattr(reader, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=workers))
+        out.append([s["key"] for s in ds])
+    return out
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_one_shard_is_split_between_two_ranks(tmp_path, drop_remainder):
+    keys = _write_shards(tmp_path / "s", [7])
+    for epoch in range(3):
+        got = []
+        for rank in range(2):
+            ds = ShardDataset(tmp_path / "s", rank=rank, world_size=2, seed=0, shuffle_buffer=3, decode="bytes",
+                              drop_remainder=drop_remainder)
+            ds.set_epoch(epoch)
+            got.append([s["key"] for s in ds])
+        assert [len(g) for g in got] == ([3, 3] if drop_remainder else [3, 4])
+        assert len(set(got[0] + got[1])) == sum(map(len, got))  # disjoint
+        if not drop_remainder:
+            assert sorted(got[0] + got[1]) == sorted(keys)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_unequal_shards_are_split_evenly_by_sample(tmp_path, monkeypatch, world_size, drop_remainder):
+    keys = _write_shards(tmp_path / "s", [5, 11, 3])  # 19 samples
+    dropped = []
+    for epoch in range(3):
+        per_rank = []
+        for rank in range(world_size):
+            ds = ShardDataset(tmp_path / "s", rank=rank, world_size=world_size, seed=1, shuffle_buffer=4,
+                              decode="bytes", drop_remainder=drop_remainder)
+            ds.set_epoch(epoch)
+            workers = _read(ds, 2, monkeypatch)
+            per_rank.append(workers[0] + workers[1])
+            assert len(per_rank[-1]) == len(ds) == ds.samples_per_rank(epoch)[rank]
+        counts = [len(k) for k in per_rank]
+        everything = [k for r in per_rank for k in r]
+        assert len(everything) == len(set(everything))  # no sample twice, across ranks and workers
+        if drop_remainder:
+            assert set(counts) == {19 // world_size}
+            assert len(set(keys) - set(everything)) == 19 % world_size
+            dropped.append(set(keys) - set(everything))
+        else:
+            assert max(counts) - min(counts) <= 1
+            assert sorted(everything) == sorted(keys)
+    if drop_remainder:
+        assert len(set.union(*dropped)) > 19 % world_size  # each epoch drops other samples
+
+
+def test_fewer_samples_than_ranks_is_a_clear_user_error(tmp_path):
+    _write_shards(tmp_path / "s", [3])
+    with pytest.raises(UserError, match=r"3 samples.*world size of 4.*max_count"):
+        ShardDataset(tmp_path / "s", rank=0, world_size=4)
+    for rank in range(3):  # as many samples as ranks: one each
+        assert len(list(ShardDataset(tmp_path / "s", rank=rank, world_size=3, decode="bytes"))) == 1
+
+
+def test_resume_inside_a_shard_slice_is_exact(tmp_path):
+    _write_shards(tmp_path / "s", [5, 11, 3])
+
+    def make():
+        ds = ShardDataset(tmp_path / "s", rank=1, world_size=2, seed=1, shuffle_buffer=4, decode="bytes")
+        ds.set_epoch(2)
+        return ds
+
+    ds = make()
+    assert any(hi - lo < len(ds.keys[s]) for s, lo, hi in ds.rank_pieces(2))  # a slice of a shard
+    full = [s["key"] for s in ds]
+    assert len(full) == 9
+    for stop in (1, 4, 8):
+        ds = make()
+        it = iter(ds)
+        for _ in range(stop):
+            ds.record(next(it))
+        state = json.loads(json.dumps(ds.state_dict()))
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert full[:stop] + [s["key"] for s in resumed] == full
+
+
+def test_positions_saved_before_the_sample_split(tmp_path):
+    _write_shards(tmp_path / "s", [5, 11, 3])
+    old = {"epoch": 2, "seed": 1, "rank": 0, "world_size": 1, "num_workers": 1, "shuffle_buffer": 4, "shards": 3,
+           "consumed": {0: 6}}  # a position as the whole-shard split saved it
+
+    def one(**kw):
+        ds = ShardDataset(tmp_path / "s", seed=1, shuffle_buffer=4, decode="bytes", **kw)
+        ds.set_epoch(2)
+        return ds
+
+    full = [s["key"] for s in one()]
+    ds = one()
+    ds.load_state_dict(old)  # one rank: the same plan as before, the position resumes exactly
+    assert [s["key"] for s in ds] == full[6:]
+    ds = one(rank=1, world_size=2)
+    ds.load_state_dict({**old, "rank": 1, "world_size": 2})  # shards were dealt whole: start the next epoch
+    assert ds.epoch == 3 and len(list(ds)) == 9
+    with pytest.raises(ValueError, match="drop_remainder"):
+        one().load_state_dict({**one(drop_remainder=False).state_dict()})
 
 
 def test_epochs_are_deterministic_and_differ(shard_dir):
