@@ -456,3 +456,20 @@ def test_empty_input_publishes_no_shards(manifest, tmp_path):
     assert pq.read_table(tmp_path / "s" / "index.parquet").num_rows == 0
     with pytest.raises(FileNotFoundError, match="no shards"):
         ShardDataset(tmp_path / "s")
+
+
+def test_several_inputs_are_sharded_together_and_a_repeated_row_once(manifest, tmp_path):
+    # The bootstrap embedder trains on every curated query set: their ingest outputs, concatenated.
+    _, table = manifest
+    a = write_manifest(table.slice(0, 25), tmp_path / "set_a" / "manifest.parquet").parent
+    b = write_manifest(table.slice(20, 20), tmp_path / "set_b" / "manifest.parquet").parent  # rows 20-24 in both
+    inline = writer.run_shard([a, b], tmp_path / "inline", max_count=8)
+    assert inline["counts"]["inputs"] == 40 and inline["counts"]["repeated_inputs"] == 5
+    index = pq.read_table(tmp_path / "inline" / "index.parquet")
+    assert sorted(index["key"].to_pylist()) == sorted(table["id"].to_pylist())
+    # Units run elsewhere read the same inputs back themselves.
+    units = writer.run_shard([str(a), str(b)], tmp_path / "units", max_count=8,
+                             map_units=lambda fn, shards: [fn(s) for s in shards])
+    assert units["digest"] == inline["digest"]
+    with pytest.raises(UserError, match="no input tables"):
+        writer.run_shard([], tmp_path / "none")
