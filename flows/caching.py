@@ -31,7 +31,7 @@ CODE_VERSION: dict[str, str] = {
     "embed": "4",  # 2: bf16 weights + fused GELU on CUDA; 3: + patch GEMM, folded FFN residual (CPU unchanged);
     # 4: timm ViT-H/g/G files with timm's 16 heads
     "retrieve": "2",  # 2: hierarchical k-means resampling steps restart k-means (they did nothing before)
-    "shard": "1",
+    "shard": "2",  # 2: rows written in a seeded permutation, not in input order
     # pretrain and distill 3: prototypes frozen by lr alone (AdamW sees their gradients), crops normalised on
     # device, the official vitl14 profile, a bootstrap profile that does not collapse
     "pretrain": "3",  # 2: teacher_checkpoint.pth carries the loss centres

@@ -27,6 +27,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -120,10 +121,19 @@ def _input_list(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return paths
 
 
-def read_input_tables(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[pa.Table, int]:
-    """The rows of one or several input tables (e.g. one ingest output per curated query set), in order;
-    a row whose id an earlier table already holds (the same file in two sets) is dropped, and counted."""
+def read_input_tables(inputs: str | os.PathLike | Sequence[str | os.PathLike],
+                      shuffle_seed: int | None = None) -> tuple[pa.Table, int]:
+    """The rows of one or several input tables (e.g. one ingest output per curated query set), in order or,
+    with `shuffle_seed`, in that seed's permutation; a row whose id an earlier table already holds (the same
+    file in two sets) is dropped, and counted."""
     tables = [read_input_table(p) for p in _input_list(inputs)]
+    table, repeated = _concat_unique(tables)
+    if shuffle_seed is not None:
+        table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
+    return table, repeated
+
+
+def _concat_unique(tables: list[pa.Table]) -> tuple[pa.Table, int]:
     if len(tables) == 1:
         return tables[0], 0
     try:
@@ -270,6 +280,7 @@ def run_shard(
     max_bytes: int = 1 << 30,
     workers: int = 1,
     mtime: float = 0.0,
+    shuffle_seed: int | None = 0,
     progress: Callable[[int], None] | None = None,
     map_units: MapUnits | None = None,
 ) -> dict:
@@ -279,6 +290,9 @@ def run_shard(
     original file sizes, plus a per-sample tar overhead). `mtime` is the time stamp stored in the tars:
     fixed by default so identical inputs give byte-identical shards. Unreadable rows and rows whose bytes
     changed since ingest go to errors.parquet, never into a shard.
+    `shuffle_seed` writes the rows in that seed's permutation (None: in input order). Inputs come grouped
+    (ingest walks folders in order, retrieval lists images in pool order), and the training reader mixes
+    only within a shuffle buffer of its shards: without it, a batch holds a few folders, not the dataset.
     `map_units` (see lvdflow/parts.py) runs the shards elsewhere (one unit per shard); by default they are
     written here, by `workers` threads.
     """
@@ -286,7 +300,7 @@ def run_shard(
         raise UserError("max_count and max_bytes must be positive")
     out = Path(out)
     inputs = _input_list(retrieved_or_manifest)
-    table, repeated = read_input_tables(inputs)
+    table, repeated = read_input_tables(inputs, shuffle_seed)
     has_faces = "faces" in table.column_names and bool(pc.max(pc.list_value_length(table["faces"])).as_py() or 0)
     blur = _blur_hook() if has_faces else None
     if has_faces and blur is None:
@@ -305,7 +319,7 @@ def run_shard(
 
     results: list[ShardResult] = []
     if map_units is not None:
-        unit = partial(write_planned_shard, inputs, str(work), plan, has_faces, mtime)
+        unit = partial(write_planned_shard, inputs, str(work), plan, has_faces, mtime, shuffle_seed)
         results = map_units(unit, list(range(len(plan))))
     else:
         def one(i: int) -> ShardResult:
@@ -341,7 +355,7 @@ def run_shard(
     write_json_atomic(work / STATS, stats)  # last of the data files, like img2dataset's _stats.json
     manifest = {
         "stage": "shard",
-        "params": {"max_count": max_count, "max_bytes": max_bytes, "mtime": mtime},
+        "params": {"max_count": max_count, "max_bytes": max_bytes, "mtime": mtime, "shuffle_seed": shuffle_seed},
         "counts": {k: stats[k] for k in ("inputs", "repeated_inputs", "samples", "shards", "shards_skipped",
                                          "errors", "blurred")},
         "error_reasons": reasons,
@@ -352,8 +366,8 @@ def run_shard(
 
 
 @lru_cache(maxsize=2)
-def _cached_input_table(paths: tuple[str, ...], stamp: tuple) -> pa.Table:
-    return read_input_tables(paths)[0]
+def _cached_input_table(paths: tuple[str, ...], stamp: tuple, shuffle_seed: int | None) -> pa.Table:
+    return read_input_tables(paths, shuffle_seed)[0]
 
 
 def _stamp(path: str) -> tuple:
@@ -364,11 +378,11 @@ def _stamp(path: str) -> tuple:
 
 
 def write_planned_shard(sources: str | list[str], work: str, plan: list[tuple[int, int]], has_faces: bool,
-                        mtime: float, shard: int) -> ShardResult:
+                        mtime: float, shuffle_seed: int | None, shard: int) -> ShardResult:
     """One unit of `run_shard` for another process: reads the input tables (once per process), writes shard
     `shard` of `plan` into `work`."""
     paths = tuple(_input_list(sources))
-    table = _cached_input_table(paths, tuple(_stamp(p) for p in paths))
+    table = _cached_input_table(paths, tuple(_stamp(p) for p in paths), shuffle_seed)
     s, e = plan[shard]
     return write_shard(Path(work), shard, table.slice(s, e - s).to_pylist(), blur=_blur_hook() if has_faces else None,
                        mtime=mtime)

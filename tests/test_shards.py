@@ -161,8 +161,22 @@ def test_faces_are_blurred_or_refused(tmp_path, monkeypatch):
 @pytest.fixture
 def shard_dir(manifest, tmp_path):
     src, table = manifest
-    writer.run_shard(src, tmp_path / "ds", max_count=5)  # 8 shards of 5
+    writer.run_shard(src, tmp_path / "ds", max_count=5, shuffle_seed=None)  # 8 shards of 5, in manifest order
     return tmp_path / "ds", table
+
+
+def test_rows_are_written_in_a_seeded_permutation_by_default(manifest, tmp_path):
+    # Inputs come grouped (folders walked in order): the shards must not keep that order by default.
+    src, table = manifest
+    ids = table["id"].to_pylist()
+    keys = {}
+    for name, kw in {"a": {}, "b": {}, "seed1": {"shuffle_seed": 1}, "kept": {"shuffle_seed": None}}.items():
+        m = writer.run_shard(src, tmp_path / name, max_count=7, **kw)
+        keys[name] = pq.read_table(tmp_path / name / "index.parquet")["key"].to_pylist()
+        assert m["params"]["shuffle_seed"] == kw.get("shuffle_seed", 0)
+    assert sorted(keys["a"]) == sorted(ids) and keys["a"] != ids
+    assert keys["a"] == keys["b"] and keys["seed1"] != keys["a"]  # deterministic, and the seed matters
+    assert keys["kept"] == ids
 
 
 def test_reader_decodes_and_verifies(shard_dir):

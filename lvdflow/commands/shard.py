@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-count", type=_count, default=10_000, help="samples per shard (default: %(default)s)")
     p.add_argument("--max-bytes", type=_count, default=1 << 30, help="bytes per shard, e.g. 1e9 (default: %(default)s)")
     p.add_argument("--workers", type=_count, default=1, help="shards written in parallel (default: %(default)s)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0,
+                       help="rows are written in this seed's permutation (default: %(default)s)")
+    order.add_argument("--keep-order", action="store_true", help="write the rows in input order instead")
     add_runner_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")
 
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = str(sources[0]) if len(sources) == 1 else [str(s) for s in sources]
     print_result(shard_flow(source=source, out=str(out), max_count=args.max_count, max_bytes=args.max_bytes,
-                            workers=args.workers, runner=runner_config(args),
+                            workers=args.workers, shuffle_seed=None if args.keep_order else args.shuffle_seed,
+                            runner=runner_config(args),
                             refresh=["shard"] if args.refresh else None))
     return 0
