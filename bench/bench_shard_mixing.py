@@ -1,6 +1,6 @@
 """Bench: how mixed the trainer's batches are, with shards written in input order or in a seeded permutation.
 
-    python3 -m bench.bench_shard_mixing [--folders 10] [--per-folder 300] [--max-count 10000] [--batch 32]
+    python3 -m bench.bench_shard_mixing [--folders 10] [--per-folder 1000] [--max-count 10000] [--batch 32]
 
 A pool of `folders` x `per_folder` tiny images, one folder per concept as an ImageFolder layout or a crawl
 is (ingest walks folders in order), is ingested and sharded twice: `--keep-order` and the default seeded
@@ -50,7 +50,7 @@ def folders_per_batch(shards: Path, folder_of: dict[str, str], batch: int) -> fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folders", type=int, default=10)
-    ap.add_argument("--per-folder", type=int, default=300)
+    ap.add_argument("--per-folder", type=int, default=1000)
     ap.add_argument("--max-count", type=int, default=10_000, help="samples per shard (production: 10,000)")
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
