@@ -152,16 +152,21 @@ def resume(ckroot: Path, model: torch.nn.Module, optimizer, stream,
     if check is not None:
         check(ckpt)
     info = load_checkpoint(ckpt, model, optimizer)
-    if info["data"] is not None:
-        stream.load_state_dict(info["data"])
+    data = info["data"]
+    # Positions saved before the reader split epochs by sample (no "split" key) mean nothing to today's plan
+    # when several ranks read: as on another process count, every rank starts after rank 0's epoch, together.
+    whole_shard_split = data is not None and data.get("split") != "samples" and world_size() > 1
+    if data is not None and not whole_shard_split:
+        stream.load_state_dict(data)
     else:
         saved = info["data_rank0"] or {}
         if "epoch" in saved:
             stream.start_after_epoch(saved["epoch"])
         if rank() == 0:
-            print(f"resume: checkpoint written by {info['saved_world_size']} processes, now {world_size()}; "
-                  f"model, optimizer and schedules resume exactly, the data streams start the next epoch",
-                  flush=True)
+            why = ("its data positions are from the reader's earlier whole-shard rank split" if whole_shard_split
+                   else f"checkpoint written by {info['saved_world_size']} processes, now {world_size()}")
+            print(f"resume: {why}; model, optimizer and schedules resume exactly, the data streams start the "
+                  f"next epoch", flush=True)
     return info["iteration"]
 
 

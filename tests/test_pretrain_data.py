@@ -138,3 +138,34 @@ def test_two_ranks_train_from_one_shard_in_step(tmp_path):
         assert [s.dataset.epoch for s in streams] == [epoch + 1, epoch + 1]  # the ranks' epochs stay in step
     batches = BatchStream(streams[1], batch_size=4, seed=0, rank=1)  # batches across epoch ends: no UserError
     assert len([batches._next_sample() for _ in range(10)]) == 10
+
+
+def test_positions_of_the_whole_shard_split_resume_every_rank_after_rank_0s_epoch(monkeypatch, tmp_path):
+    # Ranks of the earlier whole-shard split ran their own epochs; resumed, they must start one epoch together.
+    import pretrain.loop as loop
+
+    class Stream:
+        loaded = after = None
+
+        def load_state_dict(self, state):
+            self.loaded = state
+
+        def start_after_epoch(self, epoch):
+            self.after = epoch
+
+    def resume_rank(saved: dict, world: int) -> Stream:
+        info = {"iteration": 7, "data": saved, "data_rank0": {"epoch": 4}, "saved_world_size": world}
+        monkeypatch.setattr(loop, "latest_checkpoint", lambda root: tmp_path)
+        monkeypatch.setattr(loop, "load_checkpoint", lambda ckpt, model, opt: info)
+        monkeypatch.setattr(loop, "world_size", lambda: world)
+        stream = Stream()
+        assert loop.resume(tmp_path, None, None, stream) == 7
+        return stream
+
+    old = {"epoch": 6, "consumed": {"0": 3}}  # this rank had run ahead of rank 0
+    s = resume_rank(old, 2)
+    assert s.loaded is None and s.after == 4
+    s = resume_rank(old, 1)  # one rank: the old and new plans are the same, the position resumes exactly
+    assert s.loaded == old and s.after is None
+    new = {**old, "split": "samples"}
+    assert resume_rank(new, 2).loaded == new
