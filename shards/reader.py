@@ -387,7 +387,8 @@ class ShardDataset(IterableDataset):
         image = self.decode(sample[meta["ext"]], meta["ext"])
         if self.transform is not None:
             image = self.transform(image)
-        out = {"image": image, "key": sample["__key__"], "shard": pieces[i][0], "offset": int(pieces[i][1] + ordinal - bounds[i]),
+        shard, start = pieces[i][0], pieces[i][1]
+        out = {"image": image, "key": sample["__key__"], "shard": shard, "offset": int(start + ordinal - bounds[i]),
                "epoch": epoch, "worker": worker, "workers": nworkers, "index": index}
         if self.with_meta:
             out["meta"] = meta

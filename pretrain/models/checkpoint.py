@@ -15,9 +15,10 @@
 The architecture comes from the tensor shapes: width from `cls_token`, patch size from the patch
 projection, depth from the block indices, FFN kind and width from the first block, register count, grid
 from the position embedding. The head count cannot be seen in the weights: it defaults to width/64 (all
-DINOv2 sizes), to timm's 16 for timm files of ViT-H/g/G widths (TIMM_HEADS), and can be given. Position-embedding resampling follows
-the source: official plain models use DINOv2's legacy offset 0.1 without antialiasing, official register
-models and timm models size-based bicubic with antialiasing, own checkpoints what their config says.
+DINOv2 sizes), to timm's 16 for timm files of ViT-H/g/G widths (TIMM_HEADS), and can be given.
+Position-embedding resampling follows the source: official plain models use DINOv2's legacy offset 0.1
+without antialiasing, official register models and timm models size-based bicubic with antialiasing, own
+checkpoints what their config says.
 
 Files are read with `torch.load(weights_only=True)` (no code execution) or safetensors.
 """
