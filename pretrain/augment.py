@@ -15,6 +15,10 @@ Blur probabilities (`blur_probabilities`):
   blurred, global crop 2 is blurred 90% of the time, locals 50% (dinov2 PR #411, dinov3 issue #286).
   Choose it to match the released models' training distribution.
 
+Blur sigma (`blur_sigma`, pixels): (0.1, 2.0) as in the papers, which is meant for 224 px crops. Blur is
+measured in pixels, so on small crops the same sigma removes far more of the image: sigma 2 on a 24 px crop
+is like sigma 19 on a 224 px one. Small-image profiles scale it with the crop (the demo profile's note).
+
 Randomness is torch's global RNG (torchvision's transforms draw from it); the trainer seeds it per batch
 from (run seed, iteration, rank), which makes resumed runs draw the same crops.
 """
@@ -30,8 +34,8 @@ BLUR_PROBABILITIES = {
 }
 
 
-def _blur(p: float) -> v2.Transform:
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+def _blur(p: float, sigma) -> v2.Transform:
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=tuple(sigma))], p=p)
 
 
 class MultiCropAugmentation:
@@ -39,11 +43,13 @@ class MultiCropAugmentation:
 
     def __init__(self, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number: int = 8,
                  global_crops_size: int = 224, local_crops_size: int = 96, blur_probabilities: str = "paper",
-                 color_jitter=(0.4, 0.4, 0.2, 0.1)):
+                 color_jitter=(0.4, 0.4, 0.2, 0.1), blur_sigma=(0.1, 2.0)):
         if blur_probabilities not in BLUR_PROBABILITIES:
             raise ValueError(f"blur_probabilities must be one of {sorted(BLUR_PROBABILITIES)}, "
                              f"got {blur_probabilities!r}")
         probs = BLUR_PROBABILITIES[blur_probabilities]
+        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (min, max) with 0 < min <= max, got {blur_sigma!r}")
         self.local_crops_number = local_crops_number
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
@@ -65,11 +71,11 @@ class MultiCropAugmentation:
             v2.RandomGrayscale(p=0.2),
         ])
         self.global1 = v2.Compose([geometric(global_crops_size, global_crops_scale), colour,
-                                   _blur(probs["global1"])])
+                                   _blur(probs["global1"], blur_sigma)])
         # Solarisation's threshold (128) is in uint8 values.
         self.global2 = v2.Compose([geometric(global_crops_size, global_crops_scale), colour,
-                                   _blur(probs["global2"]), v2.RandomSolarize(threshold=128, p=0.2)])
-        self.local = v2.Compose([geometric(local_crops_size, local_crops_scale), colour, _blur(probs["local"])])
+                                   _blur(probs["global2"], blur_sigma), v2.RandomSolarize(threshold=128, p=0.2)])
+        self.local = v2.Compose([geometric(local_crops_size, local_crops_scale), colour, _blur(probs["local"], blur_sigma)])
 
     def __call__(self, image) -> dict:
         image = self.to_tensor(image)

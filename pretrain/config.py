@@ -53,6 +53,7 @@ class TrainConfig:
     global_crops_scale: list = field(default_factory=lambda: [0.32, 1.0])
     local_crops_scale: list = field(default_factory=lambda: [0.05, 0.32])
     blur_probabilities: str = "paper"  # or "official" (the released checkpoints' inverted ones)
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range in pixels (224 px crops)
     color_jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast, saturation, hue
     # --- optimisation (iterations) -------------------------------------------------------------------
     batch_size_per_rank: int = 64
@@ -96,6 +97,8 @@ class TrainConfig:
             problems.append(f"centering must be centering|sinkhorn_knopp, got {self.centering!r}")
         if self.blur_probabilities not in ("paper", "official"):
             problems.append(f"blur_probabilities must be paper|official, got {self.blur_probabilities!r}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            problems.append(f"blur_sigma must be [min, max] with 0 < min <= max, got {self.blur_sigma!r}")
         if self.lr_scaling not in ("sqrt_wrt_1024", "none"):
             problems.append(f"lr_scaling must be sqrt_wrt_1024|none, got {self.lr_scaling!r}")
         if self.batch_size_per_rank < 2:

@@ -62,7 +62,8 @@ def build_augmentation(cfg: TrainConfig, highres: bool = False) -> MultiCropAugm
         local_crops_number=cfg.local_crops_number,
         global_crops_size=cfg.highres_global_crops_size if highres else cfg.global_crops_size,
         local_crops_size=cfg.highres_local_crops_size if highres else cfg.local_crops_size,
-        blur_probabilities=cfg.blur_probabilities, color_jitter=tuple(cfg.color_jitter))
+        blur_probabilities=cfg.blur_probabilities, color_jitter=tuple(cfg.color_jitter),
+        blur_sigma=tuple(cfg.blur_sigma))
 
 
 def shard_with_fsdp2(meta: SSLMetaArch, device: torch.device) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lvdflow.errors import UserError
 from pretrain.augment import MultiCropAugmentation
 from pretrain.heads import DINOHead, build_heads
 from pretrain.masking import MaskingGenerator, collate_crops
@@ -143,6 +144,28 @@ def test_blur_probabilities_paper_default_and_official_inverted():
     assert (_blur_p(official.global1), _blur_p(official.global2), _blur_p(official.local)) == (0.0, 0.9, 0.5)
     with pytest.raises(ValueError, match="blur_probabilities"):
         MultiCropAugmentation(blur_probabilities="bogus")
+
+
+def _blur_sigma(compose) -> list:
+    from torchvision.transforms import v2
+
+    return [list(t.transforms[0].sigma) for t in compose.transforms
+            if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.GaussianBlur)]
+
+
+def test_blur_sigma_defaults_to_the_papers_and_reaches_every_crop():
+    from pretrain.config import TrainConfig
+    from pretrain.train import build_augmentation
+
+    paper = MultiCropAugmentation(local_crops_number=1, global_crops_size=32, local_crops_size=16)
+    assert _blur_sigma(paper.global1) == _blur_sigma(paper.local) == [[0.1, 2.0]]
+    cfg = TrainConfig(global_crops_size=32, local_crops_size=16, local_crops_number=1, blur_sigma=[0.01, 0.2])
+    small = build_augmentation(cfg)
+    assert [_blur_sigma(c) for c in (small.global1, small.global2, small.local)] == [[[0.01, 0.2]]] * 3
+    with pytest.raises(ValueError, match="blur_sigma"):
+        MultiCropAugmentation(blur_sigma=(2.0, 0.1))
+    with pytest.raises(UserError, match="blur_sigma"):
+        TrainConfig(blur_sigma=[0.0, 1.0]).validate()
 
 
 def test_augmentation_is_reproducible_under_a_seed():
