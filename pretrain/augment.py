@@ -17,7 +17,7 @@ Blur probabilities (`blur_probabilities`):
 
 Blur sigma (`blur_sigma`, pixels): (0.1, 2.0) as in the papers, which is meant for 224 px crops. Blur is
 measured in pixels, so on small crops the same sigma removes far more of the image: sigma 2 on a 24 px crop
-is like sigma 19 on a 224 px one. Small-image profiles scale it with the crop (the demo profile's note).
+is like sigma 19 on a 224 px one. Small-image profiles should scale it with the crop size.
 
 Randomness is torch's global RNG (torchvision's transforms draw from it); the trainer seeds it per batch
 from (run seed, iteration, rank), which makes resumed runs draw the same crops.
@@ -75,7 +75,8 @@ class MultiCropAugmentation:
         # Solarisation's threshold (128) is in uint8 values.
         self.global2 = v2.Compose([geometric(global_crops_size, global_crops_scale), colour,
                                    _blur(probs["global2"], blur_sigma), v2.RandomSolarize(threshold=128, p=0.2)])
-        self.local = v2.Compose([geometric(local_crops_size, local_crops_scale), colour, _blur(probs["local"], blur_sigma)])
+        self.local = v2.Compose([geometric(local_crops_size, local_crops_scale), colour,
+                                 _blur(probs["local"], blur_sigma)])
 
     def __call__(self, image) -> dict:
         image = self.to_tensor(image)
