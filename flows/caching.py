@@ -23,7 +23,7 @@ from lvdflow.stage import fingerprint, is_complete, read_manifest
 
 # Bump a stage's version when its library code changes what it writes.
 CODE_VERSION: dict[str, str] = {
-    "demo-data": "1",
+    "demo-data": "2",  # 2: the small eval split is 300 + 300 per class (was 100 + 50)
     "ingest": "2",  # 2: tar members named .avif/.heic/.jxl/... are images (kept or quarantined), not side files
     "dedup-candidates": "2",  # 2: input fingerprints in the manifest, checked by the decision
     "dedup": "3",  # 2: built-in descriptor, two keypoint scales; 3: the decision alone, candidates apart
