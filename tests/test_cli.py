@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,12 +46,29 @@ def test_help_lists_every_stage_and_explains_every_option():
     (["ingest", "/tmp", "--out", "x", "--runner", "spark"], "invalid choice"),
     (["ingest", "/tmp", "--out", "x", "--runner", "threads", "--runner-address", "tcp://h:8786"],
      "--runner-address needs --runner dask"),
+    (["dedup", "/tmp", "--out", "x", "--threshold", "abc"], "expected a number in (0, 1], got 'abc'"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message):
     proc = subprocess.run(LVDFLOW + args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("kind, text, expected", [
+    ("positive", "3", 3), ("positive", "1e9", 10**9), ("non_negative", "0", 0), ("unit", "0.45", 0.45),
+    ("positive", "0", "must be >= 1"), ("positive", "2.5", "expected an integer"),
+    ("positive", "many", "expected an integer, got 'many'"), ("non_negative", "-1", "must be >= 0"),
+    ("unit", "0", "must be in (0, 1]"), ("unit", "1.5", "must be in (0, 1]"), ("unit", "nan", "must be in (0, 1]"),
+])
+def test_number_options_parse_or_say_what_they_expected(kind, text, expected):
+    from lvdflow.commands._common import non_negative_int, positive_int, unit_fraction
+    parse = {"positive": positive_int, "non_negative": non_negative_int, "unit": unit_fraction}[kind]
+    if isinstance(expected, str):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(expected)):
+            parse(text)
+    else:
+        assert parse(text) == expected
 
 
 def _printed_manifest(capsys) -> dict:

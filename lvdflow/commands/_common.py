@@ -38,9 +38,24 @@ def print_result(manifest: dict) -> None:
     print(json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
 
+def _integer(value: str) -> int:
+    """An integer written plainly or as a whole float ("1e9" for byte counts)."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not x.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
+    return int(x)
+
+
 def positive_int(value: str) -> int:
     """argparse type: an integer >= 1."""
-    n = int(value)
+    n = _integer(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return n
@@ -48,10 +63,21 @@ def positive_int(value: str) -> int:
 
 def non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
-    n = int(value)
+    n = _integer(value)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return n
+
+
+def unit_fraction(value: str) -> float:
+    """argparse type: a number in (0, 1] (similarity thresholds, scores)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return x
 
 
 RUNNER_KINDS = ("inline", "threads", "processes", "dask", "ray")

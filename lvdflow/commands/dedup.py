@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, positive_int, runner_config
+from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, positive_int, runner_config, unit_fraction
 from lvdflow.errors import UserError
 
 NAME = "dedup"
@@ -13,14 +13,6 @@ HELP = ("Copy-detection dedup (LVD-142M): exact duplicates, then copies found by
         "every component that copies an image of an evaluation set. Optional NSFW quarantine and face "
         "boxes. Writes OUT/dedup.parquet and OUT/report.md with image grids; the descriptors' scored candidate "
         "pairs go to OUT-candidates, so a rerun with other thresholds does not describe the images again.")
-
-
-def _unit(value: str) -> float:
-    x = float(value)
-    if not 0.0 < x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return x
-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,15 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="builtin: SIFT+VLAD retrieval with geometric verification, no weights; sscd: an "
                         "SSCD TorchScript file; backbone: a ViT checkpoint of the embedding stage")
     p.add_argument("--weights", help="model file for --descriptor sscd/backbone")
-    p.add_argument("--threshold", type=_unit, default=0.6,
+    p.add_argument("--threshold", type=unit_fraction, default=0.6,
                    help="similarity at which two pool images are copies (default: %(default)s, LVD-142M)")
-    p.add_argument("--reference-threshold", type=_unit, default=0.45,
+    p.add_argument("--reference-threshold", type=unit_fraction, default=0.45,
                    help="similarity to a reference image that drops a component (default: %(default)s, LVD-142M)")
     p.add_argument("--k", type=positive_int, default=64, help="nearest neighbours searched per image (default: %(default)s)")
     p.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
                    help="faiss index (auto: exact up to 200k images, IVF above)")
     p.add_argument("--nsfw", action="store_true", help="quarantine kept images NudeNet scores as NSFW")
-    p.add_argument("--nsfw-threshold", type=_unit, default=0.6, help="NSFW score that quarantines (default: %(default)s)")
+    p.add_argument("--nsfw-threshold", type=unit_fraction, default=0.6, help="NSFW score that quarantines (default: %(default)s)")
     p.add_argument("--faces", action="store_true", help="record face boxes of kept images (column faces) for blurring")
     p.add_argument("--face-min-size", type=positive_int, default=24, help="smallest face side in pixels (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for sscd/backbone (default: cuda if present)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import add_launch_arguments, existing_dir, existing_path, output_dir, print_result, launch_kwargs
+from lvdflow.commands._common import add_launch_arguments, existing_dir, existing_path, output_dir, launch_kwargs, positive_int, print_result
 from lvdflow.errors import UserError
 
 NAME = "distill"
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
     p.add_argument("--config", default="distill_demo",
                    help="profile name in pretrain/configs or a YAML/JSON file (default: %(default)s)")
-    p.add_argument("--iters", type=int, default=None, help="total iterations (default: the profile's)")
+    p.add_argument("--iters", type=positive_int, default=None, help="total iterations (default: the profile's)")
     p.add_argument("--masking", choices=("off", "on"), default=None,
                    help="student input masking with iBOT on masked patches (on, as DINOv3) or none with iBOT on "
                         "all global-crop patches (off, the paper's choice; default: the profile's)")

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, positive_int, runner_config
+from lvdflow.commands._common import add_runner_arguments, existing_path, non_negative_int, output_dir, print_result, positive_int, runner_config
 from lvdflow.errors import UserError
 
 NAME = "embed"
 HELP = ("Embed every image of an ingest manifest with a ViT backbone (official DINOv2 .pth, timm "
         ".safetensors or an lvdflow checkpoint). Writes OUT/shards/*.npy (float16, L2-normalised), "
         "OUT/index.parquet (id, shard, row) and OUT/quarantine.parquet; resumes after a crash.")
-
-
-
-def _non_negative(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return n
 
 
 # pretrain.models.vit.ARCHS, spelled out so that `lvdflow --help` need not import torch (a test keeps them equal).
@@ -39,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-random-init", action="store_true",
                    help="without --weights, embed with a seeded random model (smoke tests only)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward (default: %(default)s)")
-    p.add_argument("--workers", type=_non_negative, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="decode processes (default: one per CPU on GPU, half the CPUs on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--shard-size", type=positive_int, default=50_000,

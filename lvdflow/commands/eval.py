@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lvdflow.commands._common import existing_dir, existing_path
+from lvdflow.commands._common import existing_dir, existing_path, positive_int
 
 NAME = "eval"
 HELP = ("Evaluate a backbone checkpoint (this project's, official DINOv2 or timm layout) on frozen features: "
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone checkpoint (e.g. OUT/teacher/teacher_backbone.pth)")
     p.add_argument("--train", required=True, help="ImageFolder of labelled train images (DIR/<class>/<image>)")
     p.add_argument("--test", required=True, help="ImageFolder of labelled test images")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="evaluation resolution (default: the size saved in this project's exports, i.e. the run's "
                         "eval_image_size or global_crops_size; otherwise 224, DINOv2's protocol, or the "
                         "position-embedding grid when smaller)")

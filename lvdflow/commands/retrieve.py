@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import add_runner_arguments, existing_dir, existing_path, output_dir, print_result, runner_config
+from lvdflow.commands._common import add_runner_arguments, existing_dir, existing_path, output_dir, positive_int, print_result, runner_config
 from lvdflow.errors import UserError
 
 NAME = "retrieve"
@@ -12,13 +12,6 @@ HELP = ("Retrieve pool images for curated query sets (DINOv2 LVD-142M style): th
         "query for large sets, whole k-means clusters holding more than --min-queries queries for small "
         "ones, or query-free balanced sampling over hierarchical k-means. Writes OUT/retrieved.parquet and a "
         "curation report (OUT/report/).")
-
-
-def _count(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,25 +24,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
     p.add_argument("--mode", choices=["auto", "sample", "cluster", "balanced"], default="auto",
                    help="auto: sample-based for sets of at least --sample-threshold queries, else cluster-based")
-    p.add_argument("--sample-threshold", type=_count, default=1_000_000, help="default: %(default)s")
-    p.add_argument("--k", type=_count, default=4, help="neighbours per query in sample mode (default: %(default)s)")
-    p.add_argument("--clusters", type=_count, default=None, help="k-means clusters (default: pool size / 100)")
+    p.add_argument("--sample-threshold", type=positive_int, default=1_000_000, help="default: %(default)s")
+    p.add_argument("--k", type=positive_int, default=4, help="neighbours per query in sample mode (default: %(default)s)")
+    p.add_argument("--clusters", type=positive_int, default=None, help="k-means clusters (default: pool size / 100)")
     p.add_argument("--clustering", choices=["kmeans", "hierarchical"], default="kmeans",
                    help="flat faiss k-means, or hierarchical k-means with resampling for the cluster mode")
-    p.add_argument("--levels", type=_count, nargs="+", default=None,
+    p.add_argument("--levels", type=positive_int, nargs="+", default=None,
                    help="hierarchical k-means cluster counts, finest first (default: clusters, clusters/10)")
     p.add_argument("--min-queries", type=int, default=3,
                    help="a cluster is retrieved when it holds more than this many queries (default: %(default)s)")
-    p.add_argument("--per-cluster", type=_count, default=10_000, help="images per retrieved cluster (default: %(default)s)")
-    p.add_argument("--per-source-cap", type=_count, default=1_000_000,
+    p.add_argument("--per-cluster", type=positive_int, default=10_000, help="images per retrieved cluster (default: %(default)s)")
+    p.add_argument("--per-source-cap", type=positive_int, default=1_000_000,
                    help="images per cluster-based query set (default: %(default)s)")
     p.add_argument("--selection", choices=["random", "closest"], default="random",
                    help="which images of a big cluster to take (default: %(default)s)")
-    p.add_argument("--target-size", type=_count, default=None, help="images to sample in balanced mode")
+    p.add_argument("--target-size", type=positive_int, default=None, help="images to sample in balanced mode")
     p.add_argument("--index", default="auto",
                    help="faiss index_factory string for sample mode, or auto (Flat / IVF,Flat / IVF,PQ by pool size)")
-    p.add_argument("--nprobe", type=_count, default=32, help="IVF lists searched per query (default: %(default)s)")
-    p.add_argument("--kmeans-iters", type=_count, default=20, help="Lloyd iterations of k-means (default: %(default)s)")
+    p.add_argument("--nprobe", type=positive_int, default=32, help="IVF lists searched per query (default: %(default)s)")
+    p.add_argument("--kmeans-iters", type=positive_int, default=20, help="Lloyd iterations of k-means (default: %(default)s)")
     p.add_argument("--kmeans-init", choices=["auto", "random", "kmeans++"], default="auto",
                    help="k-means seeding: auto = k-means++ up to 2000 clusters, random above (default: %(default)s)")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when present)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, print_result, runner_config
+from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, positive_int, print_result, runner_config
 
 NAME = "shard"
 HELP = ("Write the images of a retrieve output (or of ingest manifests, concatenated) as WebDataset shards "
@@ -12,20 +12,13 @@ HELP = ("Write the images of a retrieve output (or of ingest manifests, concaten
         "the dataset, errors.parquet and stats.json. A rerun skips shards that are already complete.")
 
 
-def _count(value: str) -> int:
-    n = int(float(value))
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return n
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="+", help="retrieve output (retrieved.parquet), ingest output (manifest.parquet) or "
                    "a parquet file; several are concatenated (a row whose id an earlier one holds is dropped)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
-    p.add_argument("--max-count", type=_count, default=10_000, help="samples per shard (default: %(default)s)")
-    p.add_argument("--max-bytes", type=_count, default=1 << 30, help="bytes per shard, e.g. 1e9 (default: %(default)s)")
-    p.add_argument("--workers", type=_count, default=1, help="shards written in parallel (default: %(default)s)")
+    p.add_argument("--max-count", type=positive_int, default=10_000, help="samples per shard (default: %(default)s)")
+    p.add_argument("--max-bytes", type=positive_int, default=1 << 30, help="bytes per shard, e.g. 1e9 (default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=1, help="shards written in parallel (default: %(default)s)")
     order = p.add_mutually_exclusive_group()
     order.add_argument("--shuffle-seed", type=int, default=0,
                        help="rows are written in this seed's permutation (default: %(default)s)")
