@@ -52,8 +52,9 @@ class DemoSize:
 
 
 SIZES = {
-    # small: the whole local DAG on a 2-core CPU in about 15 minutes. 3000 kNN queries, not 500: the kNN
-    # difference of two models on 500 shared queries has ~2 points of sampling noise, too much for a +5 bar.
+    # small: the whole local DAG on a 2-core CPU in 9 (quiet) to ~25 (shared) minutes (README). 3000 kNN
+    # queries, not 500: the kNN difference of two models on 500 shared queries has ~2 points of sampling
+    # noise, too much for a +5 bar.
     "small": DemoSize(pool_fmnist=2000, clipart=300, tiles=300, copies=200, queries=300,
                       eval_train_per_class=300, eval_test_per_class=300),
     # medium: for a GPU machine.
