@@ -10,16 +10,24 @@ on CPU workers in a real run). FLOPs per step are counted by torch.utils.flop_co
 on torch <= 2.11 a frame that Dynamo meets under a dispatch mode such as FlopCounterMode is skipped for
 good, so every later call of the compiled blocks runs eagerly (pytorch/pytorch#140909, #190286). Counting
 after the timed steps, as this bench did until 2026-11-23, left the timing right but made the profile that
-followed show eager blocks. MFU = FLOPs / step time / dense bf16 peak (989 TFLOP/s for H100 SXM, 989 for
-H200). Writes bench/results/pretrain_gpu.json.
+followed show eager blocks. Attention is counted as its plain matmuls (`pytorch_math_attention`), and the
+count is of the FLOPs the step executes, after stochastic depth's batch-subset savings; the row also gives
+the count without those savings. MFU = FLOPs / step time / dense bf16 peak (989 TFLOP/s for H100 SXM, 989
+for H200). Writes bench/results/pretrain_gpu.json.
+
+`--device cpu` (with a small `--archs vit_tiny`) runs the same code without a GPU, to check the path before
+spending device time on it (tests/test_bench_pretrain_gpu.py does); its timings mean nothing and MFU is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,22 +36,48 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pretrain.config import TrainConfig  # noqa: E402
+from lvdflow.errors import UserError  # noqa: E402
+from pretrain.config import TrainConfig, load_config, profile_path  # noqa: E402
+from pretrain.layers.drop_path import SUBSET_THRESHOLD  # noqa: E402
 from pretrain.masking import MaskingGenerator, collate_crops  # noqa: E402
+from pretrain.models import ARCHS  # noqa: E402
 from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
 from pretrain.train import build_meta_arch, compile_for_training, shard_with_fsdp2  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
+# The crops every recipe trains on: 2 global of 224 px and 8 local of 98 px, patch 14 (DINOv2's).
+CROPS = dict(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8)
+# What a recipe takes from its profile: the model, the heads, the losses and the batch per GPU (not schedules).
+RECIPE_FIELDS = ("arch", "img_size", "ffn_layer", "layerscale", "drop_path_rate", "drop_path_uniform",
+                 "dino_prototypes", "ibot_prototypes", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers",
+                 "ibot_separate_head", "ibot_head_bottleneck_dim", "centering", "koleo_weight",
+                 "batch_size_per_rank")
+
+
+def _profile_recipe(name: str) -> dict:
+    """A training profile's recipe fields, read from pretrain/configs so the bench measures what it trains
+    (the hand-kept copy here missed vitl14's 256-wide iBOT bottleneck and its 518 px position grid)."""
+    cfg = load_config(profile_path(name))
+    return {k: getattr(cfg, k) for k in RECIPE_FIELDS}
+
+
 RECIPES = {
-    # DINOv2 defaults for ViT-S/14-sized runs, and the vitl14 train config (SwiGLU, 131k prototypes, separate iBOT
-    # head, Sinkhorn-Knopp centering; the ViT-L figures recorded before 2026-11-23 used softmax centering).
+    # DINOv2 defaults for ViT-S/14-sized runs; ViT-L/14 is the production profile, vitl14.yaml (SwiGLU, 131k
+    # prototypes, separate iBOT head, Sinkhorn-Knopp centering, stochastic depth 0.4, batch 32 per GPU; the
+    # ViT-L figures recorded before 2026-11-23 used softmax centering, those before 2026-12-03 a 384-wide iBOT
+    # bottleneck and a 224 px position grid).
     "vit_small": dict(arch="vit_small", ffn_layer="mlp", dino_prototypes=65536, ibot_prototypes=65536,
                       ibot_separate_head=False, drop_path_rate=0.1, batch_size_per_rank=64, centering="centering"),
-    "vit_large": dict(arch="vit_large", ffn_layer="swiglu", dino_prototypes=131072, ibot_prototypes=131072,
-                      head_bottleneck_dim=384, ibot_separate_head=True, drop_path_rate=0.4, batch_size_per_rank=32,
-                      centering="sinkhorn_knopp"),
+    "vit_large": _profile_recipe("vitl14"),
 }
+
+
+def recipe_config(name: str, **overrides) -> TrainConfig:
+    """The training config a bench runs: the crops, then the recipe (a RECIPES key, or any ViT preset with
+    ViT-S's heads), then `overrides` (TrainConfig fields)."""
+    recipe = RECIPES[name] if name in RECIPES else {**RECIPES["vit_small"], "arch": name}
+    return TrainConfig(**{**CROPS, **recipe, **overrides}).validate()
 
 
 def synthetic_batch(b: int, n_local: int, device) -> dict:
@@ -105,19 +139,58 @@ def profile_steps(step, n: int, rows: int) -> dict:
                                         for e in top]}
 
 
-def count_step_flops(cfg: TrainConfig, batch: dict, dev: torch.device) -> int:
+def synchronize(dev: torch.device) -> None:
+    """Wait for the device's queued work (timings on CUDA are meaningless without it); nothing on CPU."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@contextlib.contextmanager
+def pytorch_math_attention():
+    """Attention as plain matmuls for counting: FlopCounterMode has no formula for xformers' kernel nor for
+    SDPA's CPU flash kernel (both would count 0), and its CUDA flash/efficient formulas include the
+    backward's recomputation of the scores, which is not model work. The math backend counts the same
+    forward 2 and backward 4 batched matmuls per attention on every device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    saved = os.environ.get("LVDFLOW_DISABLE_XFORMERS")
+    os.environ["LVDFLOW_DISABLE_XFORMERS"] = "1"
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if saved is None:
+            del os.environ["LVDFLOW_DISABLE_XFORMERS"]
+        else:
+            os.environ["LVDFLOW_DISABLE_XFORMERS"] = saved
+
+
+def count_step_flops(cfg: TrainConfig, batch: dict, dev: torch.device, fake: bool = False) -> int:
     """FLOPs of one training step (teacher forward, student forward and backward), counted on a fresh eager
-    model: FlopCounterMode must never meet the compiled one (see the module docstring)."""
+    model: FlopCounterMode must never meet the compiled one (see the module docstring). These are the FLOPs
+    the step executes: with stochastic depth above 0.1 the student's residual branches run on a subset of
+    the batch (pretrain/layers/drop_path.py), so the skipped samples' work is not counted, as in the
+    reference's 30-40% figure for the official code, which allows for the drop-path savings.
+    `fake`: run the step on fake tensors (shapes only, no arithmetic), so a CPU counts a ViT-L step in seconds;
+    the model is still built for real, as its initialisation reads values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     meta = build_meta_arch(cfg).to(dev)
     counter = FlopCounterMode(display=False)
-    with counter, torch.autocast("cuda", dtype=torch.bfloat16):
+    with contextlib.ExitStack() as stack:
+        if fake:
+            mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            batch = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        stack.enter_context(counter)
+        stack.enter_context(pytorch_math_attention())
+        stack.enter_context(torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"))
         loss, _ = meta(batch, 0.07)
         loss.backward()
     del meta, loss
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return counter.get_total_flops()
 
 
@@ -147,20 +220,28 @@ def recipe_step(meta, opt, batch: dict, device_type: str, autocast: bool = True)
 
 
 def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_blocks_flag: bool = False,
-               profile_rows: int = 0, fsdp: bool = False, centering: str | None = None) -> dict:
+               profile_rows: int = 0, fsdp: bool = False, centering: str | None = None, device: str = "cuda",
+               **overrides) -> dict:
     """One recipe's step time, memory and MFU. `fsdp`: the trainer's torchrun path, student and teacher
     sharded with FSDP2 (bf16 parameters for compute, float32 gradient reduction) in a one-process group;
-    otherwise plain modules under bf16 autocast."""
-    kw = dict(RECIPES[name])
+    otherwise plain modules under bf16 autocast (CUDA) or float32 (CPU, a check of the path only).
+    `name` is a RECIPES key or any ViT preset (then the ViT-S recipe's heads); `overrides` are TrainConfig
+    fields on top."""
     if batch:
-        kw["batch_size_per_rank"] = batch
+        overrides["batch_size_per_rank"] = batch
     if centering:
-        kw["centering"] = centering
-    cfg = TrainConfig(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8,
-                      **kw).validate()
-    dev = torch.device("cuda")
+        overrides["centering"] = centering
+    cfg = recipe_config(name, **overrides)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if fsdp and not cuda:
+        raise ValueError("--fsdp measures the NCCL path: it needs --device cuda")
     batch_t = synthetic_batch(cfg.batch_size_per_rank, 8, dev)
     flops = count_step_flops(cfg, batch_t, dev)
+    # The same step with every residual branch run on the whole batch: what a FLOP formula that ignores
+    # stochastic depth's savings would count (ViT-L's recipe, rate 0.4, skips a third of the step's FLOPs).
+    flops_full = (count_step_flops(replace(cfg, drop_path_rate=0.0), batch_t, dev)
+                  if cfg.drop_path_rate > SUBSET_THRESHOLD else flops)
     torch.manual_seed(0)
     meta = build_meta_arch(cfg).to(dev)
     if compile_blocks_flag:
@@ -173,41 +254,61 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     apply_schedules(opt, lr=1e-4, last_layer_lr=1e-4, wd=0.04)
 
     def step():
-        return recipe_step(meta, opt, batch_t, "cuda")
+        return recipe_step(meta, opt, batch_t, dev.type, autocast=cuda)
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize(dev)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     host = 0.0
     for _ in range(steps):
         t_step = time.perf_counter()
         loss = step()
         host += time.perf_counter() - t_step
-    torch.cuda.synchronize()
+    synchronize(dev)
     dt = (time.perf_counter() - t) / steps
-    mem = torch.cuda.max_memory_allocated() / 2**30
-    prof = profile_steps(step, 2, profile_rows) if profile_rows else {}
+    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    prof = profile_steps(step, 2, profile_rows) if profile_rows and cuda else {}
     if compile_blocks_flag:  # whether the blocks really compiled: one graph each, no breaks
         from torch._dynamo.utils import counters
 
         prof["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
                           "graph_breaks": sum(counters["graph_break"].values()),
                           "break_reasons": [r[:200] for r in sorted(counters["graph_break"])[:5]]}  # fmt: skip
-    gpu = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    gpu = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None) if cuda else None
     return {"arch": name, "patch": 14, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
             "centering": cfg.centering,
-            "mode": "FSDP2, bf16 params (one-process NCCL group)" if fsdp else "bf16 autocast, no FSDP",
+            "mode": "FSDP2, bf16 params (one-process NCCL group)" if fsdp else
+                    "bf16 autocast, no FSDP" if cuda else "float32 on CPU (path check, no FSDP)",
             "params_student_M": round(sum(p.numel() for p in meta.student.parameters()) / 1e6, 1),
             "s_per_step": round(dt, 4),
             # The step never waits for the GPU, so this is the host's time to queue it: near s_per_step means
             # the GPU starves (launch-bound); well below it means the GPU is the bottleneck.
             "host_enqueue_s_per_step": round(host / steps, 4), "images_per_s": round(cfg.batch_size_per_rank / dt, 1),
-            "peak_mem_GiB": round(mem, 2), "tflops_per_step": round(flops / 1e12, 3),
+            "peak_mem_GiB": round(mem, 2) if mem is not None else None, "tflops_per_step": round(flops / 1e12, 3),
             "achieved_tflops": round(flops / dt / 1e12, 1),
-            "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None, "loss": float(loss.detach()), "gpu": gpu, **prof}
+            "mfu_percent": round(100 * flops / dt / peak, 1) if peak else None,
+            "tflops_per_step_without_drop_path_savings": round(flops_full / 1e12, 3),
+            "mfu_percent_without_drop_path_savings": round(100 * flops_full / dt / peak, 1) if peak else None,
+            "loss": float(loss.detach()), "gpu": gpu, **prof}
+
+
+def count_arch(name: str, batch: int | None, centering: str | None) -> dict:
+    """`--flops-only`: one recipe's FLOPs per step, executed and without stochastic depth's savings, counted on
+    fake tensors on the CPU (no GPU, no arithmetic); MFU for a measured step time t is tflops / t / peak."""
+    overrides = {k: v for k, v in (("batch_size_per_rank", batch), ("centering", centering)) if v}
+    cfg = recipe_config(name, **overrides)
+    cpu = torch.device("cpu")
+    batch_t = synthetic_batch(cfg.batch_size_per_rank, cfg.local_crops_number, cpu)
+    executed = count_step_flops(cfg, batch_t, cpu, fake=True)
+    full = count_step_flops(replace(cfg, drop_path_rate=0.0), batch_t, cpu, fake=True)
+    return {"arch": name, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
+            "drop_path_rate": cfg.drop_path_rate, "tflops_per_step": round(executed / 1e12, 3),
+            "tflops_per_step_without_drop_path_savings": round(full / 1e12, 3),
+            "executed_fraction": round(executed / full, 4)}
 
 
 def main() -> int:
@@ -223,21 +324,44 @@ def main() -> int:
                     "torchrun path: bf16 parameters) instead of plain bf16 autocast")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="also profile two steps and print the top ROWS kernels by CUDA time")
-    ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "pretrain_gpu.json"))
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: run the same path small (e.g. --archs vit_tiny --batch 2 --steps 1) to check it")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="count each recipe's FLOPs per step on the CPU (fake tensors, seconds) and time nothing")
+    ap.add_argument("--result", help="default bench/results/pretrain_gpu.json (CPU checks: pretrain_gpu_cpu.json, "
+                    "so they never replace the GPU figures; --flops-only: pretrain_flops.json)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure", file=sys.stderr)
+    bench_name = "pretrain_flops" if args.flops_only else "pretrain_gpu" if args.device == "cuda" else "pretrain_gpu_cpu"
+    args.result = args.result or str(ROOT / "bench" / "results" / f"{bench_name}.json")
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.flops_only:
+        print("no CUDA device: nothing to measure (--device cpu checks the path)", file=sys.stderr)
         return 1
+    if args.fsdp and args.device != "cuda":
+        print("--fsdp measures the NCCL path: it needs --device cuda", file=sys.stderr)
+        return 2
+    unknown = [a for a in args.archs.split(",") if a not in ARCHS]
+    if unknown:
+        print(f"unknown --archs {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.archs.split(","):
-        rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile, args.profile,
-                               args.fsdp, args.centering))
-        rows[-1]["compiled_blocks"] = args.compile
+        try:
+            if args.flops_only:
+                rows.append(count_arch(name, args.batch or None, args.centering))
+            else:
+                rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile,
+                                       args.profile, args.fsdp, args.centering, args.device))
+                rows[-1]["compiled_blocks"] = args.compile
+        except UserError as e:  # an impossible recipe (e.g. --batch 1): say so, not a traceback
+            print(e, file=sys.stderr)
+            return 2
         print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
-    result = {"bench": "pretrain_gpu", "command": "bench/bench_pretrain_gpu.py " + " ".join(sys.argv[1:]),
-              "torch": torch.__version__, "rows": rows}
+        if args.device == "cuda" and not args.flops_only:
+            torch.cuda.empty_cache()
+    result = {"bench": bench_name, "device": "cpu (fake tensors)" if args.flops_only else args.device,
+              "command": "bench/bench_pretrain_gpu.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+              "rows": rows}
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(result, indent=2) + "\n")
     return 0

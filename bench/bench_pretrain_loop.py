@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_embed import make_pool  # noqa: E402
-from bench.bench_pretrain_gpu import RECIPES  # noqa: E402
+from bench.bench_pretrain_gpu import recipe_config  # noqa: E402
 from bench.common import write_result  # noqa: E402
-from pretrain.config import TrainConfig  # noqa: E402
 
 
 def make_shards(work: Path, n: int) -> Path:
@@ -48,12 +47,10 @@ def run_once(shards: Path, out: Path, arch: str, batch: int, iters: int, workers
     from pretrain.metrics_log import read_metrics
     from pretrain.train import train
 
-    recipe = dict(RECIPES.get(arch, {"arch": arch}))
-    recipe["batch_size_per_rank"] = batch or recipe.get("batch_size_per_rank", 32)
-    cfg = TrainConfig(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8,
-                      total_iters=iters, warmup_iters=max(1, iters // 4), warmup_teacher_temp_iters=max(1, iters // 4),
-                      freeze_last_layer_iters=1, checkpoint_every=10**9, log_every=1, data_workers=workers,
-                      compile=compile_, **recipe).validate()
+    cfg = recipe_config(arch, **({"batch_size_per_rank": batch} if batch else {}),
+                        total_iters=iters, warmup_iters=max(1, iters // 4), warmup_teacher_temp_iters=max(1, iters // 4),
+                        freeze_last_layer_iters=1, checkpoint_every=10**9, log_every=1, data_workers=workers,
+                        compile=compile_)
     t = time.perf_counter()
     summary = train(cfg, out, shards=shards)
     wall = time.perf_counter() - t

@@ -32,9 +32,8 @@ from torch.utils.module_tracker import ModuleTracker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_pretrain_gpu import RECIPES, synthetic_batch  # noqa: E402
+from bench.bench_pretrain_gpu import RECIPES, recipe_config, synthetic_batch  # noqa: E402
 from bench.common import write_result  # noqa: E402
-from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.param_groups import apply_schedules, param_groups  # noqa: E402
 from pretrain.train import build_meta_arch  # noqa: E402
 
@@ -102,8 +101,7 @@ class Census(TorchDispatchMode):
 
 
 def census_at(arch: str, depth: int, batch: int) -> dict:
-    cfg = TrainConfig(patch_size=14, img_size=224, global_crops_size=224, local_crops_size=98, local_crops_number=8,
-                      depth=depth, **{**RECIPES[arch], "batch_size_per_rank": batch}).validate()
+    cfg = recipe_config(arch, depth=depth, batch_size_per_rank=batch)
     torch.manual_seed(0)
     meta = build_meta_arch(cfg)
     groups = param_groups(meta.student, num_layers=depth)

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_pretrain_gpu import RECIPES, recipe_step  # noqa: E402
+from bench.bench_pretrain_gpu import RECIPES, recipe_config, recipe_step  # noqa: E402
 from bench.common import write_result  # noqa: E402
 from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.masking import MaskingGenerator, collate_crops  # noqa: E402
@@ -45,11 +45,12 @@ PATCH, GLOBAL_PX, LOCAL_PX, N_LOCAL = 14, 56, 14, 8  # 4x4 patches per global cr
 
 def tiny_config(arch: str, width: int, batch: int) -> TrainConfig:
     """The recipe's structure at `width` channels: heads keep their count (head dim = width / heads)."""
-    kw = {**RECIPES[arch], "batch_size_per_rank": batch, "dino_prototypes": 4 * width, "ibot_prototypes": 4 * width,
-          "head_hidden_dim": width, "head_bottleneck_dim": width // 2}
-    heads = ARCHS[kw["arch"]]["num_heads"]
-    return TrainConfig(patch_size=PATCH, img_size=GLOBAL_PX, global_crops_size=GLOBAL_PX, local_crops_size=LOCAL_PX,
-                       local_crops_number=N_LOCAL, embed_dim=width - width % heads, num_heads=heads, **kw).validate()
+    heads = ARCHS[RECIPES[arch]["arch"]]["num_heads"]
+    ibot_bottleneck = width // 3 if RECIPES[arch].get("ibot_head_bottleneck_dim") else 0  # vitl14: 256 next to 384
+    return recipe_config(arch, batch_size_per_rank=batch, dino_prototypes=4 * width, ibot_prototypes=4 * width,
+                         head_hidden_dim=width, head_bottleneck_dim=width // 2, ibot_head_bottleneck_dim=ibot_bottleneck,
+                         patch_size=PATCH, img_size=GLOBAL_PX, global_crops_size=GLOBAL_PX, local_crops_size=LOCAL_PX,
+                         local_crops_number=N_LOCAL, embed_dim=width - width % heads, num_heads=heads)
 
 
 def tiny_batch(batch: int) -> dict:
