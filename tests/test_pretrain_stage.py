@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lvdflow.errors import UserError
 from lvdflow.stage import is_complete

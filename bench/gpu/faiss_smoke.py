@@ -1,4 +1,4 @@
-import numpy as np, faiss, sys
+import numpy as np, faiss
 print("faiss", faiss.__version__, "gpus", faiss.get_num_gpus(), flush=True)
 res = faiss.StandardGpuResources()
 print("resources ok", flush=True)
