@@ -132,3 +132,9 @@ def test_bench_main_without_cuda_says_so(monkeypatch, capsys):
 ])
 def test_kernel_kinds(name, kind):
     assert bench.kernel_kind(name) == kind
+
+
+def test_bench_row_counts_stochastic_depths_savings_apart():
+    row = bench.bench_arch("vit_tiny", steps=1, warmup=0, batch=2, device="cpu", drop_path_rate=0.4, **TINY_HEADS)
+    # Rate 0.4 on 2 images: each student branch runs on one, so the executed count is well below the full one.
+    assert 0.55 < row["tflops_per_step"] / row["tflops_per_step_without_drop_path_savings"] < 0.75
