@@ -194,6 +194,23 @@ def count_step_flops(cfg: TrainConfig, batch: dict, dev: torch.device, fake: boo
     return counter.get_total_flops()
 
 
+def step_flops(cfg: TrainConfig, batch: dict, dev: torch.device, fake: bool = False) -> tuple[int, int]:
+    """The step's executed FLOPs (`count_step_flops` on `dev`), and those of the same step with every residual
+    branch run on the whole batch: what a FLOP formula that ignores stochastic depth's savings counts (ViT-L's
+    recipe, rate 0.4, skips a third). The second is counted on fake CPU tensors: run for real, that eager step
+    would need far more GPU memory than the recipe's own (ViT-L at batch 64 on an 80 GB H100)."""
+    executed = count_step_flops(cfg, batch, dev, fake)
+    if cfg.drop_path_rate <= SUBSET_THRESHOLD:  # per-sample drop path: nothing is skipped
+        return executed, executed
+    cpu_batch = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return executed, count_step_flops(replace(cfg, drop_path_rate=0.0), cpu_batch, torch.device("cpu"), fake=True)
+
+
+def _option_overrides(batch: int | None, centering: str | None) -> dict:
+    """The command line's --batch and --centering as TrainConfig fields (unset: the recipe's)."""
+    return {k: v for k, v in (("batch_size_per_rank", batch), ("centering", centering)) if v}
+
+
 def join_single_process_group() -> None:
     """A one-process NCCL group, as `torchrun --nproc-per-node 1` gives the trainer (pretrain/train.py)."""
     import torch.distributed as dist
@@ -227,25 +244,13 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
     otherwise plain modules under bf16 autocast (CUDA) or float32 (CPU, a check of the path only).
     `name` is a RECIPES key or any ViT preset (then the ViT-S recipe's heads); `overrides` are TrainConfig
     fields on top."""
-    if batch:
-        overrides["batch_size_per_rank"] = batch
-    if centering:
-        overrides["centering"] = centering
-    cfg = recipe_config(name, **overrides)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if fsdp and not cuda:
-        raise ValueError("--fsdp measures the NCCL path: it needs --device cuda")
-    batch_t = synthetic_batch(cfg.batch_size_per_rank, 8, dev)
-    flops = count_step_flops(cfg, batch_t, dev)
-    # The same step with every residual branch run on the whole batch: what a FLOP formula that ignores
-    # stochastic depth's savings would count (ViT-L's recipe, rate 0.4, skips a third of the step's FLOPs).
-    # Counted on fake CPU tensors: run for real, that eager step would need far more GPU memory than the
-    # recipe's own (ViT-L at batch 64 on an 80 GB H100).
-    flops_full = (count_step_flops(replace(cfg, drop_path_rate=0.0),
-                                   {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch_t.items()},
-                                   torch.device("cpu"), fake=True)
-                  if cfg.drop_path_rate > SUBSET_THRESHOLD else flops)
+        raise UserError("--fsdp measures the NCCL path: it needs --device cuda")
+    cfg = recipe_config(name, **_option_overrides(batch, centering), **overrides)
+    batch_t = synthetic_batch(cfg.batch_size_per_rank, cfg.local_crops_number, dev)
+    flops, flops_full = step_flops(cfg, batch_t, dev)
     torch.manual_seed(0)
     meta = build_meta_arch(cfg).to(dev)
     if compile_blocks_flag:
@@ -303,12 +308,10 @@ def bench_arch(name: str, steps: int, warmup: int, batch: int | None, compile_bl
 def count_arch(name: str, batch: int | None, centering: str | None) -> dict:
     """`--flops-only`: one recipe's FLOPs per step, executed and without stochastic depth's savings, counted on
     fake tensors on the CPU (no GPU, no arithmetic); MFU for a measured step time t is tflops / t / peak."""
-    overrides = {k: v for k, v in (("batch_size_per_rank", batch), ("centering", centering)) if v}
-    cfg = recipe_config(name, **overrides)
+    cfg = recipe_config(name, **_option_overrides(batch, centering))
     cpu = torch.device("cpu")
-    batch_t = synthetic_batch(cfg.batch_size_per_rank, cfg.local_crops_number, cpu)
-    executed = count_step_flops(cfg, batch_t, cpu, fake=True)
-    full = count_step_flops(replace(cfg, drop_path_rate=0.0), batch_t, cpu, fake=True)
+    executed, full = step_flops(cfg, synthetic_batch(cfg.batch_size_per_rank, cfg.local_crops_number, cpu), cpu,
+                                fake=True)
     return {"arch": name, "batch": cfg.batch_size_per_rank, "crops": "2x224 + 8x98",
             "drop_path_rate": cfg.drop_path_rate, "tflops_per_step": round(executed / 1e12, 3),
             "tflops_per_step_without_drop_path_savings": round(full / 1e12, 3),
@@ -335,14 +338,12 @@ def main() -> int:
     ap.add_argument("--result", help="default bench/results/pretrain_gpu.json (CPU checks: pretrain_gpu_cpu.json, "
                     "so they never replace the GPU figures; --flops-only: pretrain_flops.json)")
     args = ap.parse_args()
-    bench_name = "pretrain_flops" if args.flops_only else "pretrain_gpu" if args.device == "cuda" else "pretrain_gpu_cpu"
+    bench_name = ("pretrain_flops" if args.flops_only else
+                  "pretrain_gpu" if args.device == "cuda" else "pretrain_gpu_cpu")
     args.result = args.result or str(ROOT / "bench" / "results" / f"{bench_name}.json")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.flops_only:
         print("no CUDA device: nothing to measure (--device cpu checks the path)", file=sys.stderr)
         return 1
-    if args.fsdp and args.device != "cuda":
-        print("--fsdp measures the NCCL path: it needs --device cuda", file=sys.stderr)
-        return 2
     unknown = [a for a in args.archs.split(",") if a not in ARCHS]
     if unknown:
         print(f"unknown --archs {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
@@ -357,7 +358,7 @@ def main() -> int:
                 rows.append(bench_arch(name, args.steps, args.warmup, args.batch or None, args.compile,
                                        args.profile, args.fsdp, args.centering, args.device))
                 rows[-1]["compiled_blocks"] = args.compile
-        except UserError as e:  # an impossible recipe (e.g. --batch 1): say so, not a traceback
+        except UserError as e:  # an impossible recipe (--batch 1) or option (--fsdp on CPU): one line, no traceback
             print(e, file=sys.stderr)
             return 2
         print(json.dumps(rows[-1]), flush=True)
