@@ -61,15 +61,15 @@ class EmbedConfig(_Strict):
 class RetrieveConfig(_Strict):
     mode: Literal["auto", "sample", "cluster", "balanced"] = "auto"
     k: int = Field(4, ge=1, description="pool images per query (sample mode)")
-    sample_threshold: int = Field(1_000_000, description="query sets at least this big use sample mode")
-    n_clusters: int | None = None
+    sample_threshold: int = Field(1_000_000, ge=1, description="query sets at least this big use sample mode")
+    n_clusters: int | None = Field(None, ge=1, description="k-means clusters (none: pool size / 100)")
     extra: dict[str, Any] = Field(default_factory=dict, description="further run_retrieve options")
 
 
 class ShardConfig(_Strict):
-    max_count: int = 10_000
-    max_bytes: int = 1 << 30
-    workers: int = 1
+    max_count: int = Field(10_000, ge=1, description="samples per shard")
+    max_bytes: int = Field(1 << 30, ge=1, description="bytes per shard")
+    workers: int = Field(1, ge=1, description="shards written in parallel")
 
 
 class _Launch(_Strict):

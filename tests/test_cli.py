@@ -47,6 +47,10 @@ def test_help_lists_every_stage_and_explains_every_option():
     (["ingest", "/tmp", "--out", "x", "--runner", "threads", "--runner-address", "tcp://h:8786"],
      "--runner-address needs --runner dask"),
     (["dedup", "/tmp", "--out", "x", "--threshold", "abc"], "expected a number in (0, 1], got 'abc'"),
+    # numpy's generators take no negative seed: refused here, not as a traceback from inside the stage
+    (["shard", "/tmp", "--out", "x", "--shuffle-seed", "-1"], "must be >= 0"),
+    (["retrieve", "--pool-embeddings", "/tmp", "--pool-manifest", "/tmp", "--queries", "/tmp", "--out", "x",
+      "--seed", "-3"], "must be >= 0"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message):
     proc = subprocess.run(LVDFLOW + args, capture_output=True, text=True, timeout=120)

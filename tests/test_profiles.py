@@ -28,6 +28,16 @@ def test_overrides_merge_field_by_field_and_are_checked():
         load_profile("no-such-profile")
 
 
+@pytest.mark.parametrize("override, field", [
+    ({"shard": {"max_count": 0}}, "shard.max_count"), ({"shard": {"workers": 0}}, "shard.workers"),
+    ({"retrieve": {"n_clusters": 0}}, "retrieve.n_clusters"),
+    ({"retrieve": {"sample_threshold": -1}}, "retrieve.sample_threshold"),
+])
+def test_counts_below_one_are_refused_at_load_as_on_the_command_line(override, field):
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        load_profile("local", override)
+
+
 def test_refresh_names_the_cached_stages_and_nothing_else():
     from flows.caching import CODE_VERSION
     from flows.config import STAGE_NAMES, check_refresh

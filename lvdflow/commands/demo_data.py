@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import output_dir, print_result
+from lvdflow.commands._common import non_negative_int, output_dir, print_result
 
 NAME = "demo-data"
 HELP = ("Build demo data from real images (Debian's dataset-fashion-mnist, openclipart-png, crawl-tiles-data): "
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
                    help="small: the whole pipeline in ~15 min on a 2-core CPU; medium: for a GPU; "
                         "tiny: tests (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random draw (default: %(default)s)")
     p.add_argument("--refresh", action="store_true", help="rebuild even if a cached result exists")
 
 

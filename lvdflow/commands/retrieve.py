@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import add_runner_arguments, existing_dir, existing_path, output_dir, positive_int, print_result, runner_config
+from lvdflow.commands._common import add_runner_arguments, existing_dir, existing_path, non_negative_int, output_dir, positive_int, print_result, runner_config
 from lvdflow.errors import UserError
 
 NAME = "retrieve"
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat faiss k-means, or hierarchical k-means with resampling for the cluster mode")
     p.add_argument("--levels", type=positive_int, nargs="+", default=None,
                    help="hierarchical k-means cluster counts, finest first (default: clusters, clusters/10)")
-    p.add_argument("--min-queries", type=int, default=3,
+    p.add_argument("--min-queries", type=non_negative_int, default=3,
                    help="a cluster is retrieved when it holds more than this many queries (default: %(default)s)")
     p.add_argument("--per-cluster", type=positive_int, default=10_000, help="images per retrieved cluster (default: %(default)s)")
     p.add_argument("--per-source-cap", type=positive_int, default=1_000_000,
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss on GPU (default: when present)")
     p.add_argument("--center", action="store_true",
                    help="subtract the pool mean from all embeddings first (for weak or untrained embedders)")
-    p.add_argument("--seed", type=int, default=0, help="seed of k-means, sampling and the report (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of k-means, sampling and the report (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="skip the image-grid report")
     add_runner_arguments(p)
     p.add_argument("--refresh", action="store_true", help="rerun even if a cached result exists")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lvdflow.commands._common import add_runner_arguments, existing_path, output_dir, positive_int, print_result, runner_config
+from lvdflow.commands._common import add_runner_arguments, existing_path, non_negative_int, output_dir, positive_int, print_result, runner_config
 
 NAME = "shard"
 HELP = ("Write the images of a retrieve output (or of ingest manifests, concatenated) as WebDataset shards "
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=positive_int, default=1 << 30, help="bytes per shard, e.g. 1e9 (default: %(default)s)")
     p.add_argument("--workers", type=positive_int, default=1, help="shards written in parallel (default: %(default)s)")
     order = p.add_mutually_exclusive_group()
-    order.add_argument("--shuffle-seed", type=int, default=0,
+    order.add_argument("--shuffle-seed", type=non_negative_int, default=0,
                        help="rows are written in this seed's permutation (default: %(default)s)")
     order.add_argument("--keep-order", action="store_true", help="write the rows in input order instead")
     add_runner_arguments(p)
