@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -153,16 +154,9 @@ def pytorch_math_attention():
     forward 2 and backward 4 batched matmuls per attention on every device."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    saved = os.environ.get("LVDFLOW_DISABLE_XFORMERS")
-    os.environ["LVDFLOW_DISABLE_XFORMERS"] = "1"
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        if saved is None:
-            del os.environ["LVDFLOW_DISABLE_XFORMERS"]
-        else:
-            os.environ["LVDFLOW_DISABLE_XFORMERS"] = saved
+    # patch.dict restores the switch as it was, set or unset, however the block ends.
+    with mock.patch.dict(os.environ, {"LVDFLOW_DISABLE_XFORMERS": "1"}), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def count_step_flops(cfg: TrainConfig, batch: dict, dev: torch.device, fake: bool = False) -> int:
